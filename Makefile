@@ -1,0 +1,77 @@
+# One entry point for people and CI. Everything it needs is installed here, into ignored folders
+# (.venv, .cache), and reused on the next run when the inputs have not changed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE := .cache
+LLAMA_VERSION := 0.3.36
+# llama.cpp's -march=native build enables AMX on these CPUs and crashes in the first decode
+# (llama.cpp issue 20824): name the SIMD levels instead. AVX-512 only where this CPU has it.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+  $(if $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo y),-DGGML_AVX512=ON,-DGGML_AVX512=OFF)
+# Built wheels live in pip's cache folder, so a fresh clone (CI) reuses them; the key covers the flags.
+WHEEL_CACHE := $(or $(shell $(PYTHON) -m pip cache dir 2>/dev/null),$(CACHE))/appliance-wheels
+LLAMA_WHEEL_DIR := $(WHEEL_CACHE)/llama-$(LLAMA_VERSION)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+APT_PACKAGES := espeak-ng sox libsystemd-dev pkg-config
+STATE := $(CACHE)/run
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help venv llama-wheel apt test test-fast run demo-bundle lint clean
+
+help:
+	@echo "make run    build + sign the demo bundle, import it into $(STATE), show status"
+	@echo "make test   install what is needed and run the whole test suite"
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing apt packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# llama-cpp-python has no wheels on PyPI: build it once from the sdist and keep the wheel.
+llama-wheel:
+	@if ! ls $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	  echo "building llama-cpp-python $(LLAMA_VERSION) from source (about 10 minutes on 2 cores, once)"; \
+	  mkdir -p $(LLAMA_WHEEL_DIR).tmp && \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PYTHON) -m pip wheel --no-deps --no-binary llama-cpp-python \
+	    -w $(LLAMA_WHEEL_DIR).tmp llama-cpp-python==$(LLAMA_VERSION) && \
+	  rm -rf $(LLAMA_WHEEL_DIR) && mv $(LLAMA_WHEEL_DIR).tmp $(LLAMA_WHEEL_DIR); \
+	fi
+
+# The venv is rebuilt only when pyproject.toml or the llama wheel changed (stamp holds their hash).
+venv: apt llama-wheel
+	@stamp=$$(cat pyproject.toml $(LLAMA_WHEEL_DIR)/*.whl | sha256sum | cut -c1-64); \
+	if [ "$$(cat $(VENV)/.stamp 2>/dev/null)" != "$$stamp" ]; then \
+	  echo "setting up $(VENV)"; \
+	  [ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
+	  $(PY) -m pip install -q --upgrade pip && \
+	  $(PY) -m pip install -q $(LLAMA_WHEEL_DIR)/*.whl && \
+	  $(PY) -m pip install -q -e '.[dev,convert]' && \
+	  echo "$$stamp" > $(VENV)/.stamp; \
+	fi
+
+test: venv
+	$(PY) -m pytest -m '' -q
+
+test-fast: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check appliance tests && $(VENV)/bin/mypy appliance
+
+demo-bundle: venv
+	@mkdir -p $(CACHE)/keys out
+	@[ -f $(CACHE)/keys/demo.key ] || $(VENV)/bin/appliance-build keygen --out $(CACHE)/keys/demo
+	$(VENV)/bin/appliance-build bundle bundles/demo.toml --key $(CACHE)/keys/demo.key --out out
+
+run: demo-bundle
+	@export APPLIANCE_ROOT=$(abspath $(STATE)); \
+	$(VENV)/bin/appliance-ctl keys add $(CACHE)/keys/demo.pub 2>/dev/null || true; \
+	$(VENV)/bin/appliance-ctl bundle import $$(ls -t out/demo-*.bundle | head -1); \
+	$(VENV)/bin/appliance-ctl status
+
+clean:
+	rm -rf out dist $(STATE)

@@ -1,0 +1,48 @@
+"""appliance-build: the host tool (keys, bundles; images arrive with the image builder)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from appliance import bundle, keys
+from appliance.cli.common import log, run
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appliance-build", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    kg = sub.add_parser("keygen", help="write an Ed25519 signing key pair")
+    kg.add_argument("--out", type=Path, required=True, help="PREFIX: writes PREFIX.key, PREFIX.pub")
+    b = sub.add_parser("bundle", help="build and sign a bundle from a recipe")
+    b.add_argument("recipe", type=Path, help="a recipe, e.g. bundles/demo.toml")
+    b.add_argument("--key", type=Path, action="append", required=True,
+                   help="private signing key (repeat for several signatures)")
+    b.add_argument("--out", type=Path, required=True, help="folder for <name>-<sequence>.bundle")
+    b.add_argument("--sequence", type=int, help="override the recipe's sequence")
+    b.add_argument("--cache", type=Path, default=Path(".cache/bundle"),
+                   help="where fetched and converted models are kept (default .cache/bundle)")
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.command == "keygen":
+        kid = keys.generate(args.out)
+        print(f"key id {kid}")
+        print(f"private key: {args.out}.key (keep it off the devices)")
+        print(f"public key:  {args.out}.pub (trust it with `appliance-ctl keys add`)")
+        return 0
+    signers = [keys.load_private(k) for k in args.key]
+    path = bundle.build(args.recipe, signers, args.out, args.cache, log, args.sequence)
+    print(f"{path} ({path.stat().st_size >> 20} MiB)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(_main, _parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

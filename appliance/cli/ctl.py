@@ -1,0 +1,174 @@
+"""appliance-ctl: the device tool (bundles, trust keys, audit log, status)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from appliance import install
+from appliance.cli.common import Progress, run
+from appliance.store import Layout, Store
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appliance-ctl", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--root", help="state root (default $APPLIANCE_ROOT or /)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bundle", help="verify, import, list, activate, roll back bundles")
+    bs = b.add_subparsers(dest="action", required=True)
+    bs.add_parser("verify", help="check a bundle file without installing it").add_argument(
+        "file", type=Path)
+    bs.add_parser("import", help="verify, install and activate a bundle file").add_argument(
+        "file", type=Path)
+    bs.add_parser("list", help="installed bundles and their sequences")
+    act = bs.add_parser("activate", help="make an installed sequence the active one")
+    act.add_argument("name")
+    act.add_argument("sequence", type=int)
+    bs.add_parser("rollback", help="activate the previous installed sequence").add_argument("name")
+
+    k = sub.add_parser("keys", help="the trusted signing keys")
+    ks = k.add_subparsers(dest="action", required=True)
+    ks.add_parser("list")
+    ks.add_parser("add").add_argument("file", type=Path)
+    ks.add_parser("remove").add_argument("keyid")
+    ks.add_parser("threshold", help="show or set how many trusted keys must sign").add_argument(
+        "value", type=int, nargs="?")
+
+    a = sub.add_parser("audit", help="the hash-chained audit log")
+    aus = a.add_subparsers(dest="action", required=True)
+    aus.add_parser("verify")
+    aus.add_parser("show")
+
+    st = sub.add_parser("status", help="bundles, models and trust keys on this device")
+    st.add_argument("--json", action="store_true")
+    return p
+
+
+def _bundle(args: argparse.Namespace, layout: Layout) -> int:
+    store = Store(layout)
+    if args.action == "verify":
+        v = install.verify(args.file, layout, Progress("verify"))
+        print(f"ok: {v.manifest.name} sequence {v.manifest.sequence}, "
+              f"{len(v.manifest.files)} files, signed by {', '.join(s[:16] for s in v.signers)}")
+        _print_models(v.manifest)
+    elif args.action == "import":
+        inst = install.import_bundle(args.file, layout, Progress("import"))
+        print(f"imported {inst.name} sequence {inst.sequence} (active)")
+        _print_models(inst.manifest)
+    elif args.action == "list":
+        for name in store.names():
+            active = store.active(name)
+            seqs = ", ".join(f"{s}{'*' if s == active else ''}" for s in store.sequences(name))
+            print(f"{name}: {seqs or 'none'} (highest ever {store.highwater(name)})")
+    else:
+        with store.locked():
+            store.cleanup()
+            seq = args.sequence if args.action == "activate" else store.rollback_target(args.name)
+            previous = store.activate(args.name, seq)
+            layout.audit.append(args.action, bundle=args.name, sequence=seq, previous=previous,
+                                result="ok")
+        print(f"{args.name}: sequence {seq} active (was {previous})")
+    return 0
+
+
+def _print_models(manifest: Any) -> None:
+    for m in manifest.models:
+        variants = ", ".join(f"{v.backend}/{v.format}/{v.quantization}" for v in m.variants)
+        print(f"  {m.id:32} {m.task.value:14} {variants}")
+
+
+def _keys(args: argparse.Namespace, layout: Layout) -> int:
+    trust = layout.trust
+    store = Store(layout)
+    if args.action == "list":
+        for kid in trust.keys():  # noqa: SIM118 - TrustStore.keys() reads the folder
+            print(kid)
+        print(f"threshold: {trust.threshold()}", file=sys.stderr)
+        return 0
+    if args.action == "threshold" and args.value is None:
+        print(trust.threshold())
+        return 0
+    with store.locked():
+        if args.action == "add":
+            kid = trust.add(args.file)
+            layout.audit.append("key-add", keyid=kid, result="ok")
+            print(f"trusted {kid}")
+        elif args.action == "remove":
+            kid = trust.remove(args.keyid)
+            layout.audit.append("key-remove", keyid=kid, result="ok")
+            print(f"removed {kid}")
+        else:
+            trust.set_threshold(args.value)
+            layout.audit.append("key-threshold", threshold=args.value, result="ok")
+            print(f"threshold {args.value}")
+    return 0
+
+
+def _audit(args: argparse.Namespace, layout: Layout) -> int:
+    if args.action == "verify":
+        n = layout.audit.verify()
+        print(f"audit log intact: {n} entries")
+    else:
+        for entry in layout.audit.entries():
+            print(json.dumps(entry, sort_keys=True))
+    return 0
+
+
+def status_report(layout: Layout) -> dict[str, Any]:
+    store = Store(layout)
+    bundles = []
+    for name in store.names():
+        active = store.active(name)
+        entry: dict[str, Any] = {"name": name, "active": active,
+                                 "installed": store.sequences(name),
+                                 "highwater": store.highwater(name), "models": []}
+        if active is not None:
+            m = store.load(name, active).manifest
+            entry["created"] = m.created.isoformat()
+            entry["models"] = [
+                {"id": mod.id, "task": mod.task.value,
+                 "variants": [f"{v.backend}/{v.format}/{v.quantization}" for v in mod.variants]}
+                for mod in m.models
+            ]
+        bundles.append(entry)
+    return {"root": str(layout.root), "bundles": bundles,
+            "trust": {"keys": list(layout.trust.keys()), "threshold": layout.trust.threshold()}}
+
+
+def _status(args: argparse.Namespace, layout: Layout) -> int:
+    report = status_report(layout)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"state root: {report['root']}")
+    if not report["bundles"]:
+        print("bundles: none installed")
+    for b in report["bundles"]:
+        print(f"bundle {b['name']}: active {b['active']}, installed {b['installed']}, "
+              f"highest ever {b['highwater']}")
+        for m in b["models"]:
+            print(f"  {m['id']:32} {m['task']:14} {', '.join(m['variants'])}")
+    keys = report["trust"]["keys"]
+    print(f"trust: {len(keys)} key(s), threshold {report['trust']['threshold']}")
+    for kid in keys:
+        print(f"  {kid}")
+    return 0
+
+
+def _main(args: argparse.Namespace) -> int:
+    layout = Layout.from_env(args.root)
+    handler = {"bundle": _bundle, "keys": _keys, "audit": _audit, "status": _status}
+    return handler[args.command](args, layout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(_main, _parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

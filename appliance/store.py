@@ -1,0 +1,206 @@
+"""The device's bundle store: where installed bundles live and which one is active.
+
+Layout under the state root (default `/`; tests and `make run` use a temporary one):
+
+    etc/appliance/trust/            trusted keys + policy.toml
+    var/lib/appliance/store/<name>/<seq>/{manifest.toml,manifest.sig,files/...}
+    var/lib/appliance/store/<name>/current -> <seq>      (switched with one rename)
+    var/lib/appliance/highwater/<name>                    anti-rollback mark, outside the store
+    var/lib/appliance/audit.log (+ .head)                 hash-chained history
+    var/lib/appliance/lock                                one bundle operation at a time
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance import manifest as mf
+from appliance.audit import AuditLog
+from appliance.errors import RollbackError, StoreError, UsageError
+from appliance.fsutil import atomic_symlink, atomic_write, fsync_dir
+from appliance.keys import TrustStore
+
+STAGING_PREFIX = ".staging-"
+TRASH_PREFIX = ".trash-"
+DEFAULT_KEEP = 2  # the active sequence and the one before it, for rollback
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @classmethod
+    def from_env(cls, root: str | None) -> Layout:
+        return cls(Path(root or os.environ.get("APPLIANCE_ROOT") or "/"))
+
+    @property
+    def state(self) -> Path:
+        return self.root / "var/lib/appliance"
+
+    @property
+    def store(self) -> Path:
+        return self.state / "store"
+
+    @property
+    def highwater_dir(self) -> Path:
+        return self.state / "highwater"
+
+    @property
+    def trust(self) -> TrustStore:
+        return TrustStore(self.root / "etc/appliance/trust")
+
+    @property
+    def config(self) -> Path:
+        return self.root / "etc/appliance/appliance.toml"
+
+    @property
+    def audit(self) -> AuditLog:
+        return AuditLog(self.state / "audit.log")
+
+
+@dataclass(frozen=True)
+class Installed:
+    name: str
+    sequence: int
+    path: Path
+    manifest: mf.Manifest
+
+    def file(self, rel: str) -> Path:
+        return self.path / "files" / rel
+
+
+class Store:
+    """Reads and switches installed bundles. Mutating calls expect `locked()` to be held."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        self.layout.state.mkdir(parents=True, exist_ok=True)
+        with (self.layout.state / "lock").open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(
+                    "another bundle operation is running on this device",
+                    hint="wait for it to finish, then try again",
+                ) from None
+            yield
+
+    def names(self) -> list[str]:
+        if not self.layout.store.is_dir():
+            return []
+        return sorted(p.name for p in self.layout.store.iterdir() if mf.NAME.fullmatch(p.name))
+
+    def sequences(self, name: str) -> list[int]:
+        folder = self.layout.store / name
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def active(self, name: str) -> int | None:
+        try:
+            target = os.readlink(self.layout.store / name / "current")
+        except FileNotFoundError:
+            return None
+        return int(target) if target.isdigit() else None
+
+    def load(self, name: str, sequence: int) -> Installed:
+        path = self.layout.store / name / str(sequence)
+        try:
+            data = (path / "manifest.toml").read_bytes()
+        except OSError as exc:
+            raise StoreError(f"bundle {name} {sequence} is not installed") from exc
+        return Installed(name, sequence, path, mf.parse(data, f"{name}/{sequence}/manifest.toml"))
+
+    def active_bundles(self) -> list[Installed]:
+        out = []
+        for name in self.names():
+            seq = self.active(name)
+            if seq is not None:
+                out.append(self.load(name, seq))
+        return out
+
+    def highwater(self, name: str) -> int:
+        """Highest sequence ever installed for `name` (the mark, or an installed folder)."""
+        try:
+            mark = int((self.layout.highwater_dir / name).read_text().strip() or 0)
+        except FileNotFoundError:
+            mark = 0
+        except ValueError as exc:
+            raise StoreError(f"the high-water mark of {name} is damaged") from exc
+        return max([mark, *self.sequences(name)])
+
+    def raise_highwater(self, name: str, sequence: int) -> None:
+        if sequence > self.highwater(name) or not (self.layout.highwater_dir / name).exists():
+            self.layout.highwater_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.layout.highwater_dir / name, f"{sequence}\n".encode())
+
+    def check_sequence(self, name: str, sequence: int) -> None:
+        mark = self.highwater(name)
+        if sequence <= mark:
+            raise RollbackError(
+                f"bundle {name} sequence {sequence} must be > installed {mark}",
+                hint="build the bundle again with a higher sequence",
+            )
+
+    def activate(self, name: str, sequence: int) -> int | None:
+        """Point `current` at an installed sequence; return the previously active one."""
+        if sequence not in self.sequences(name):
+            raise UsageError(
+                f"bundle {name} sequence {sequence} is not installed",
+                hint=f"installed: {self.sequences(name) or 'none'}",
+            )
+        previous = self.active(name)
+        atomic_symlink(str(sequence), self.layout.store / name / "current")
+        return previous
+
+    def rollback_target(self, name: str) -> int:
+        current = self.active(name)
+        older = [s for s in self.sequences(name) if current is None or s < current]
+        if not older:
+            raise UsageError(
+                f"bundle {name} has no older installed sequence to roll back to",
+                hint=f"installed: {self.sequences(name) or 'none'}",
+            )
+        return older[-1]
+
+    def prune(self, name: str, keep: int = DEFAULT_KEEP) -> list[int]:
+        """Remove all but the active sequence and the newest older ones (`keep` in all)."""
+        current = self.active(name)
+        older = [s for s in self.sequences(name) if current is None or s < current]
+        kept = set(older[max(0, len(older) - (keep - 1)):]) if keep > 1 else set()
+        doomed = [s for s in self.sequences(name) if s != current and s not in kept]
+        for seq in doomed:
+            self._discard(self.layout.store / name / str(seq))
+        return doomed
+
+    def _discard(self, path: Path) -> None:
+        # rename first, so a crash never leaves a half-deleted folder under a valid name
+        trash = path.with_name(f"{TRASH_PREFIX}{path.name}")
+        os.replace(path, trash)
+        fsync_dir(path.parent)
+        shutil.rmtree(trash)
+
+    def cleanup(self) -> list[Path]:
+        """Remove what an interrupted operation left behind; reconcile high-water marks."""
+        removed: list[Path] = []
+        for name in self.names():
+            folder = self.layout.store / name
+            for entry in folder.iterdir():
+                if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX, ".current.")):
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+                    removed.append(entry)
+            if self.sequences(name):
+                self.raise_highwater(name, max(self.sequences(name)))
+        return removed
