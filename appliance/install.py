@@ -151,10 +151,11 @@ def _open(path: Path) -> BinaryIO:
 
 
 def verify_file(bundle: Path, layout: Layout, progress: Progress | None = None) -> Verified:
-    """Check a bundle completely without installing it."""
+    """Check a bundle completely, as an import would, without installing it."""
     with _open(bundle) as src:
         reader = BundleReader(src, layout)
         verified = reader.authenticate()
+        Store(layout).check_sequence(verified.manifest.name, verified.manifest.sequence)
         reader.copy_payload(verified.manifest, None, progress)
     return verified
 

@@ -13,6 +13,7 @@ Layout under the state root (default `/`; tests and `make run` use a temporary o
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from appliance import manifest as mf
 from appliance.audit import AuditLog
-from appliance.errors import RollbackError, StoreError, UsageError
+from appliance.errors import IntegrityError, RollbackError, StoreError, UsageError
 from appliance.fsutil import atomic_symlink, atomic_write, fsync_dir
 from appliance.keys import TrustStore
 
@@ -120,6 +121,28 @@ class Store:
             raise StoreError(f"bundle {name} {sequence} is not installed") from exc
         return Installed(name, sequence, path, mf.parse(data, f"{name}/{sequence}/manifest.toml"))
 
+    def check(self, inst: Installed) -> None:
+        """Re-hash an installed bundle against its manifest: exactly the listed files, intact.
+
+        Raises IntegrityError naming the first file that differs."""
+        files = inst.path / "files"
+        present = {p.relative_to(files).as_posix() for p in files.rglob("*") if not p.is_dir()}
+        extra = present - set(inst.manifest.by_path)
+        if extra:
+            raise IntegrityError(f"{inst.name} {inst.sequence}: unlisted file {sorted(extra)[0]!r}")
+        for entry in inst.manifest.files:
+            path = inst.file(entry.path)
+            if not path.is_file() or path.is_symlink() or path.stat().st_size != entry.size:
+                raise IntegrityError(f"{inst.name} {inst.sequence}: {entry.path!r} is missing "
+                                     "or has the wrong size")
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            if digest.hexdigest() != entry.sha256:
+                raise IntegrityError(f"{inst.name} {inst.sequence}: {entry.path!r} was altered",
+                                     hint="import the bundle again from its source")
+
     def active_bundles(self) -> list[Installed]:
         out = []
         for name in self.names():
@@ -128,18 +151,21 @@ class Store:
                 out.append(self.load(name, seq))
         return out
 
+    def _mark(self, name: str) -> int:
+        try:
+            return int((self.layout.highwater_dir / name).read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except ValueError as exc:
+            raise StoreError(f"the high-water mark of {name} is damaged",
+                             hint=f"check {self.layout.highwater_dir / name}") from exc
+
     def highwater(self, name: str) -> int:
         """Highest sequence ever installed for `name` (the mark, or an installed folder)."""
-        try:
-            mark = int((self.layout.highwater_dir / name).read_text().strip() or 0)
-        except FileNotFoundError:
-            mark = 0
-        except ValueError as exc:
-            raise StoreError(f"the high-water mark of {name} is damaged") from exc
-        return max([mark, *self.sequences(name)])
+        return max([self._mark(name), *self.sequences(name)])
 
     def raise_highwater(self, name: str, sequence: int) -> None:
-        if sequence > self.highwater(name) or not (self.layout.highwater_dir / name).exists():
+        if sequence > self._mark(name):
             self.layout.highwater_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.layout.highwater_dir / name, f"{sequence}\n".encode())
 

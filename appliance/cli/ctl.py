@@ -10,6 +10,7 @@ from typing import Any
 
 from appliance import install
 from appliance.cli.common import Progress, run
+from appliance.errors import UsageError
 from appliance.store import Layout, Store
 
 
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     act.add_argument("name")
     act.add_argument("sequence", type=int)
     bs.add_parser("rollback", help="activate the previous installed sequence").add_argument("name")
+    bs.add_parser("check", help="re-hash the active bundles' files on disk").add_argument(
+        "name", nargs="?")
 
     k = sub.add_parser("keys", help="the trusted signing keys")
     ks = k.add_subparsers(dest="action", required=True)
@@ -60,6 +63,14 @@ def _bundle(args: argparse.Namespace, layout: Layout) -> int:
         inst = install.import_bundle(args.file, layout, Progress("import"))
         print(f"imported {inst.name} sequence {inst.sequence} (active)")
         _print_models(inst.manifest)
+    elif args.action == "check":
+        for name in [args.name] if args.name else store.names():
+            seq = store.active(name)
+            if seq is None:
+                raise UsageError(f"bundle {name} has no active sequence")
+            inst = store.load(name, seq)
+            store.check(inst)
+            print(f"{name} {seq}: {len(inst.manifest.files)} files intact")
     elif args.action == "list":
         for name in store.names():
             active = store.active(name)

@@ -1,0 +1,71 @@
+"""The real demo bundle: built from its PyPI packages, verified, imported and rolled back."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PROJECT, cli_env
+
+from appliance import manifest as mf
+
+pytestmark = pytest.mark.models
+CACHE = PROJECT / ".cache" / "bundle"
+
+
+def run(tool: str, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", f"appliance.cli.{tool}", *args],
+                          env=cli_env(root), capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("demo")
+    assert run("build", tmp, "keygen", "--out", str(tmp / "k")).returncode == 0
+    for seq in ("1", "2"):
+        built = run("build", tmp, "bundle", str(PROJECT / "bundles/demo.toml"),
+                    "--key", str(tmp / "k.key"), "--out", str(tmp / "out"),
+                    "--cache", str(CACHE), "--sequence", seq)
+        assert built.returncode == 0, built.stderr
+    return tmp, tmp / "out"
+
+
+def test_demo_bundle_contents(demo: tuple[Path, Path]) -> None:
+    _, out = demo
+    import tarfile
+    with tarfile.open(out / "demo-1.bundle") as tf:
+        names = tf.getnames()
+        data = tf.extractfile("manifest.toml")
+        assert data is not None
+        manifest = mf.parse(data.read())
+    assert names[:2] == ["manifest.toml", "manifest.sig"]
+    assert {m.id: m.task.value for m in manifest.models} == {
+        "smollm2-135m-instruct": "chat", "all-minilm-l6-v2": "embeddings",
+        "whisper-tiny.en": "transcription"}
+    for model in manifest.models:
+        assert model.license in manifest.by_path  # every model's license travels with it
+    embed = next(m for m in manifest.models if m.task is mf.Task.EMBEDDINGS)
+    assert {v.quantization for v in embed.variants} == {"fp32", "int8"}
+    whisper = next(m for m in manifest.models if m.task is mf.Task.TRANSCRIPTION)
+    assert "models/whisper-tiny.en/ct2/tokenizer.json" in whisper.variants[0].files
+
+
+def test_demo_verify_import_rollback(demo: tuple[Path, Path]) -> None:
+    tmp, out = demo
+    root = tmp / "device"
+    assert run("ctl", root, "keys", "add", str(tmp / "k.pub")).returncode == 0
+    verified = run("ctl", root, "bundle", "verify", str(out / "demo-1.bundle"))
+    assert verified.returncode == 0, verified.stderr
+    first = run("ctl", root, "bundle", "import", str(out / "demo-1.bundle"))
+    assert first.returncode == 0, first.stderr
+    assert "imported demo sequence 1" in first.stdout
+    for model in ("smollm2-135m-instruct", "all-minilm-l6-v2", "whisper-tiny.en"):
+        assert model in first.stdout
+    assert run("ctl", root, "bundle", "import", str(out / "demo-2.bundle")).returncode == 0
+    back = run("ctl", root, "bundle", "rollback", "demo")
+    assert back.returncode == 0 and "sequence 1 active (was 2)" in back.stdout
+    assert run("ctl", root, "bundle", "check", "demo").returncode == 0
+    replay = run("ctl", root, "bundle", "import", str(out / "demo-1.bundle"))
+    assert replay.returncode == 5 and "must be > installed 2" in replay.stderr
