@@ -13,7 +13,7 @@ from appliance.install import import_bundle
 from appliance.store import Layout
 
 sys.path.insert(0, str(Path(__file__).parent))
-from factory import Factory  # noqa: E402
+from factory import Factory
 
 PROJECT = Path(__file__).resolve().parent.parent
 
