@@ -102,6 +102,16 @@ class Fields:
         assert value is not None
         return value
 
+    def number(self, key: str, *, lo: float, hi: float, default: float) -> float:
+        value = self._get(key, False)
+        if value is None:
+            return default
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise self.fail(key, f"must be a number, not {type(value).__name__}")
+        if not lo <= value <= hi:
+            raise self.fail(key, f"must be between {lo} and {hi}")
+        return float(value)
+
     def boolean(self, key: str, default: bool) -> bool:
         value = self._get(key, False)
         if value is None:

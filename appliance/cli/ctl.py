@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="bundles, models and trust keys on this device")
     st.add_argument("--json", action="store_true")
+
+    sub.add_parser("serve", help="serve the active bundles' models (the systemd unit runs this)")
+    sub.add_parser("probe", help="show the hardware the runtime sees")
+
+    ak = sub.add_parser("apikey", help="API keys for LAN clients (stored as hashes)")
+    aks = ak.add_subparsers(dest="action", required=True)
+    aks.add_parser("create", help="make a key and print it once").add_argument("name")
+    aks.add_parser("list")
+    aks.add_parser("remove").add_argument("name")
     return p
 
 
@@ -171,9 +180,69 @@ def _status(args: argparse.Namespace, layout: Layout) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, layout: Layout) -> int:
+    import logging
+
+    import uvicorn
+
+    from appliance import settings as settings_mod
+    from appliance.runtime import Runtime
+    from appliance.server import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = settings_mod.load(layout)
+    cfg.check()
+    runtime = Runtime(layout, cfg)
+    runtime.load()
+    for model_id, info in runtime.status()["models"].items():
+        state = "loaded" if info["loaded"] else f"not loaded: {info['error']}"
+        print(f"{model_id}: {info['backend']}/{info['quantization']} ({info['reason']}); {state}",
+              file=sys.stderr)
+    app = create_app(runtime, cfg)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def _probe(args: argparse.Namespace, layout: Layout) -> int:
+    from appliance import hardware
+    print(json.dumps(hardware.probe().to_json(), indent=2))
+    return 0
+
+
+def _apikey(args: argparse.Namespace, layout: Layout) -> int:
+    import secrets
+
+    from appliance.fsutil import atomic_write
+    from appliance.server import hash_key
+    from appliance.settings import api_keys_path, read_api_keys
+
+    path = api_keys_path(layout)
+    keys = read_api_keys(path)
+    if args.action == "list":
+        for name in keys:
+            print(name)
+        return 0
+    if args.action == "create":
+        if not args.name.isidentifier() or args.name in keys:
+            raise UsageError(f"key name {args.name!r} is taken or not a simple name")
+        key = "sk-appliance-" + secrets.token_urlsafe(32)
+        keys[args.name] = hash_key(key)
+    elif keys.pop(args.name, None) is None:
+        raise UsageError(f"no API key named {args.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, "".join(f"{n} {h}\n" for n, h in keys.items()).encode(), mode=0o600)
+    layout.audit.append(f"apikey-{args.action}", name=args.name, result="ok")
+    if args.action == "create":
+        print(key)
+        print("store it now: only its hash is kept", file=sys.stderr)
+    return 0
+
+
 def _main(args: argparse.Namespace) -> int:
     layout = Layout.from_env(args.root)
-    handler = {"bundle": _bundle, "keys": _keys, "audit": _audit, "status": _status}
+    handler = {"bundle": _bundle, "keys": _keys, "audit": _audit, "status": _status,
+               "serve": _serve, "probe": _probe, "apikey": _apikey}
     return handler[args.command](args, layout)
 
 

@@ -1,0 +1,492 @@
+"""Chat engine: continuous batching over llama.cpp's low-level API.
+
+llama-cpp-python's `Llama` class only ever decodes sequence 0, so concurrent requests would be
+served one after another. Here one scheduler thread owns the llama context and, at every step,
+puts one token of each generating sequence plus chunks of waiting prompts into a single
+`llama_decode` batch, samples each sequence with its own sampler chain, and admits new requests
+between steps. All decodes happen on that one thread: rotating calls across threads costs a lot
+(OpenMP keeps a thread team per calling thread).
+
+Memory is a fixed pool of KV cells shared by all sequences (`kv_unified`); a request is admitted
+when the cells it may need (prompt + max_tokens) are free, not when a fixed slot is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.engines.textstream import TextAssembler
+from appliance.hardware import physical_cores
+from appliance.errors import ApplianceError
+
+__all__ = ["ChatEngine", "EngineConfig", "Finish", "GenerationRequest", "Sampling", "Stream",
+           "TokenEvent"]
+
+log = logging.getLogger(__name__)
+
+
+class EngineBusy(ApplianceError):
+    """The request queue is full."""
+
+
+class ContextTooLong(ApplianceError):
+    """Prompt plus requested tokens exceed what one sequence may hold."""
+
+
+class GrammarError(ApplianceError):
+    """llama.cpp could not compile a grammar."""
+
+
+def _llama() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:  # pragma: no cover - the venv always has it
+        raise ApplianceError("chat needs llama-cpp-python, which is not installed",
+                             hint="run `make venv`, which builds it") from exc
+    return llama_cpp
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of one chat engine. threads=0 means one per physical core."""
+
+    n_gpu_layers: int = 0
+    threads: int = 0
+    parallel: int = 8  # sequences decoded together (llama context n_seq_max)
+    kv_cells: int = 8192  # KV cache size shared by all sequences
+    ctx_per_seq: int = 2048  # most tokens (prompt + answer) one sequence may use
+    batch: int = 512  # most tokens per llama_decode call
+    max_queue: int = 64
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationRequest:
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list[str] = field(default_factory=list)
+    grammar: str | None = None
+    logprobs: int | None = None  # None: off; N: the chosen token plus N alternatives
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    text: str
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str  # stop, length, cancelled, error
+    prompt_tokens: int
+    completion_tokens: int
+    text: str = ""  # text released at the very end (held-back partial stop strings)
+    error: str | None = None
+    ttft: float | None = None
+
+
+Event = TokenEvent | Finish
+
+
+class Stream:
+    """Events of one request, handed from the engine thread to a consumer without blocking it.
+
+    With an event loop the events go to an asyncio queue through call_soon_threadsafe; without
+    one (tests, benchmarks) to a thread-safe queue."""
+
+    def __init__(self, loop: Any | None = None) -> None:
+        self._loop = loop
+        self._cancelled = threading.Event()
+        if loop is not None:
+            import asyncio
+            self._aq: Any = asyncio.Queue()
+        else:
+            self._q: queue.Queue[Event] = queue.Queue()
+
+    def push(self, event: Event) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._aq.put_nowait, event)
+            except RuntimeError:  # loop closed: nobody is listening any more
+                self._cancelled.set()
+        else:
+            self._q.put(event)
+
+    async def get(self) -> Event:
+        result: Event = await self._aq.get()
+        return result
+
+    def get_sync(self, timeout: float | None = None) -> Event:
+        return self._q.get(timeout=timeout)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+@dataclass
+class _Seq:
+    req: GenerationRequest
+    stream: Stream
+    seq_id: int
+    sampler: Any
+    text: TextAssembler
+    done_prompt: int = 0  # prompt tokens already in the KV cache
+    pending: int | None = None  # sampled token not yet decoded
+    generated: int = 0
+    started: float = field(default_factory=time.monotonic)
+    ttft: float | None = None
+
+    @property
+    def reserve(self) -> int:
+        return len(self.req.prompt) + self.req.max_tokens
+
+
+class ChatEngine:
+    """One GGUF model, one llama context, one scheduler thread."""
+
+    def __init__(self, model_path: Path, config: EngineConfig) -> None:
+        """Load `model_path` with `config.n_gpu_layers` layers offloaded (-1: all) and start the
+        scheduler. Decoding uses `config.threads` CPU threads (0: one per physical core)."""
+        self.config = config
+        self.path = model_path
+        ll = _llama()
+        self._ll = ll
+        from llama_cpp import _logger  # silence llama.cpp's load chatter unless debugging
+        _logger.set_verbose(os.environ.get("APPLIANCE_LLAMA_VERBOSE") == "1")
+        ll.llama_backend_init()
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = config.n_gpu_layers
+        self._model = ll.llama_model_load_from_file(str(model_path).encode(), mparams)
+        if not self._model:
+            raise ApplianceError(f"llama.cpp could not load {model_path.name}")
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx_train = ll.llama_model_n_ctx_train(self._model)
+        threads = config.threads or physical_cores()
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = config.kv_cells
+        cparams.n_batch = config.batch
+        cparams.n_ubatch = config.batch
+        cparams.n_seq_max = config.parallel
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        self._ctx = ll.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise ApplianceError(f"llama.cpp could not create a context for {model_path.name}")
+        self._mem = ll.llama_get_memory(self._ctx)
+        self.ctx_per_seq = min(config.ctx_per_seq, config.kv_cells,
+                               self.n_ctx_train or config.ctx_per_seq)
+        self._batch = ll.llama_batch_init(config.batch, 0, 1)
+        self._lock = threading.Condition()
+        self._waiting: deque[tuple[GenerationRequest, Stream]] = deque()
+        self._active: list[_Seq] = []
+        self._free_ids = list(range(config.parallel))
+        self._stop = False
+        self.heartbeat = time.monotonic()
+        self.busy_since: float | None = None
+        self.stats = {"requests": 0, "tokens": 0, "prompt_tokens": 0}
+        self._thread = threading.Thread(target=self._run, name=f"chat-{model_path.stem}",
+                                        daemon=True)
+        self._thread.start()
+
+    # --- model facts --------------------------------------------------------------------------
+
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(64 * 1024)
+        n = self._ll.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def chat_template(self) -> str | None:
+        raw = self._ll.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+    def token_text(self, token: int, special: bool = True) -> str:
+        return self.piece(token, special).decode("utf-8", "replace")
+
+    def special_tokens(self) -> tuple[str, str]:
+        ll = self._ll
+        bos, eos = ll.llama_vocab_bos(self._vocab), ll.llama_vocab_eos(self._vocab)
+        return (self.token_text(bos) if bos >= 0 else "", self.token_text(eos) if eos >= 0 else "")
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (self._ll.llama_token * cap)()
+        n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special,
+                                    parse_special)
+        if n < 0:
+            cap = -n
+            buf = (self._ll.llama_token * cap)()
+            n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special,
+                                        parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._ll.llama_vocab_is_eog(self._vocab, token))
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def check_fits(self, n_prompt: int, max_tokens: int | None) -> int:
+        """Return the max_tokens to use; raise ContextTooLong if the prompt leaves no room."""
+        room = self.ctx_per_seq - n_prompt
+        if room <= 0 or (max_tokens is not None and max_tokens > room):
+            asked = n_prompt + (max_tokens or 1)
+            raise ContextTooLong(
+                f"this model's context is {self.ctx_per_seq} tokens; the request needs {asked} "
+                f"({n_prompt} in the prompt, {max_tokens or 1} to generate)")
+        return max_tokens if max_tokens is not None else room
+
+    def make_sampler(self, req: GenerationRequest) -> Any:
+        ll, s = self._ll, req.sampling
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if s.logit_bias:
+            arr = (ll.llama_logit_bias * len(s.logit_bias))()
+            for i, (tok, bias) in enumerate(s.logit_bias.items()):
+                arr[i].token, arr[i].bias = tok, bias
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(
+                self.n_vocab, len(s.logit_bias), arr))
+        if req.grammar:
+            g = ll.llama_sampler_init_grammar(self._vocab, req.grammar.encode(), b"root")
+            if not g:
+                ll.llama_sampler_free(chain)
+                raise GrammarError("the response format could not be compiled into a grammar")
+            ll.llama_sampler_chain_add(chain, g)
+        if s.presence_penalty or s.frequency_penalty or s.repeat_penalty != 1.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
+                self.n_vocab, 64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty))
+        if s.temperature <= 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+            return chain
+        if s.top_k > 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(s.top_k))
+        if s.top_p < 1.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(s.top_p, 1))
+        if s.min_p > 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(s.min_p, 1))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(s.temperature))
+        seed = s.seed if s.seed is not None else random.getrandbits(32)
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def submit(self, req: GenerationRequest, stream: Stream) -> None:
+        """Queue a request; events arrive on `stream`. Raises EngineBusy, ContextTooLong or
+        GrammarError before anything is queued."""
+        if len(req.prompt) + req.max_tokens > self.ctx_per_seq:
+            raise ContextTooLong(f"prompt + max_tokens exceed {self.ctx_per_seq} tokens")
+        if req.grammar:  # compile now so a bad grammar is the caller's error, not the engine's
+            self._ll.llama_sampler_free(self.make_sampler(req))
+        with self._lock:
+            if self._stop:
+                raise ApplianceError("the chat engine is shut down")
+            if len(self._waiting) >= self.config.max_queue:
+                raise EngineBusy("the chat queue is full")
+            self._waiting.append((req, stream))
+            self._lock.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        self._thread.join(timeout=30)
+        ll = self._ll
+        for seq in self._active:
+            ll.llama_sampler_free(seq.sampler)
+        ll.llama_batch_free(self._batch)
+        ll.llama_free(self._ctx)
+        ll.llama_model_free(self._model)
+
+    # --- the scheduler thread -----------------------------------------------------------------
+
+    def _cells_in_use(self) -> int:
+        return sum(s.reserve for s in self._active)
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_ids:
+            req, stream = self._waiting[0]
+            if stream.cancelled:
+                self._waiting.popleft()
+                stream.push(Finish("cancelled", len(req.prompt), 0))
+                continue
+            if self._cells_in_use() + len(req.prompt) + req.max_tokens > self.config.kv_cells:
+                return  # wait for cells; first come, first served
+            self._waiting.popleft()
+            try:
+                sampler = self.make_sampler(req)
+            except ApplianceError as exc:
+                stream.push(Finish("error", len(req.prompt), 0, error=exc.message))
+                continue
+            self._active.append(_Seq(req, stream, self._free_ids.pop(), sampler,
+                                     TextAssembler(req.stop)))
+            self.stats["requests"] += 1
+
+    def _release(self, seq: _Seq) -> None:
+        self._ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
+        self._ll.llama_sampler_free(seq.sampler)
+        self._free_ids.append(seq.seq_id)
+        self._active.remove(seq)
+
+    def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
+        tail = "" if reason in ("cancelled", "error") else seq.text.flush()
+        seq.stream.push(Finish(reason, len(seq.req.prompt), seq.generated, tail, error,
+                               seq.ttft))
+        self._release(seq)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stop and not self._active and not self._waiting:
+                        self.heartbeat = time.monotonic()
+                        self._lock.wait(timeout=1.0)
+                    if self._stop:
+                        break
+                    self._admit()
+                self.heartbeat = time.monotonic()
+                for seq in [s for s in self._active if s.stream.cancelled]:
+                    self._finish(seq, "cancelled")
+                if self._active:
+                    self._step()
+                elif self._waiting:
+                    time.sleep(0.001)
+        except Exception as exc:  # the engine is dead: tell everyone, healthz reports it
+            log.exception("chat engine crashed")
+            for seq in list(self._active):
+                seq.stream.push(Finish("error", len(seq.req.prompt), seq.generated,
+                                       error=f"engine failure: {type(exc).__name__}"))
+            self._stop = True
+            raise
+
+    def _step(self) -> None:
+        ll, batch = self._ll, self._batch
+        n = 0
+        outputs: list[tuple[_Seq, int]] = []
+
+        def add(token: int, pos: int, seq_id: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = pos
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = seq_id
+            batch.logits[n] = logits
+            n += 1
+
+        for seq in self._active:  # one token for every generating sequence first
+            if seq.pending is not None:
+                add(seq.pending, len(seq.req.prompt) + seq.generated - 1, seq.seq_id, True)
+                outputs.append((seq, n - 1))
+        for seq in self._active:  # then prompt chunks in the room that is left
+            left = len(seq.req.prompt) - seq.done_prompt
+            if seq.pending is not None or left == 0:
+                continue
+            take = min(left, self.config.batch - n)
+            if take <= 0:
+                break
+            for i in range(seq.done_prompt, seq.done_prompt + take):
+                add(seq.req.prompt[i], i, seq.seq_id, i == len(seq.req.prompt) - 1)
+            seq.done_prompt += take
+            if seq.done_prompt == len(seq.req.prompt):
+                outputs.append((seq, n - 1))
+        batch.n_tokens = n
+        self.busy_since = time.monotonic()
+        rc = ll.llama_decode(self._ctx, batch)
+        self.busy_since = None
+        if rc != 0:
+            in_batch = {id(s): s for s, _ in outputs}
+            in_batch.update({id(s): s for s in self._active if s.done_prompt})
+            for seq in in_batch.values():
+                self._finish(seq, "error", f"llama_decode failed with code {rc}")
+            return
+        for seq, idx in outputs:
+            self._sample(seq, idx)
+
+    def _sample(self, seq: _Seq, idx: int) -> None:
+        ll = self._ll
+        logprob, top = None, None
+        if seq.req.logprobs is not None:
+            logits = ll.llama_get_logits_ith(self._ctx, idx)
+        token = ll.llama_sampler_sample(seq.sampler, self._ctx, idx)
+        if seq.req.logprobs is not None:
+            logprob, top = _logprobs(logits, self.n_vocab, token, seq.req.logprobs)
+        if seq.ttft is None:
+            seq.ttft = time.monotonic() - seq.started
+            self.stats["prompt_tokens"] += len(seq.req.prompt)
+        if self.is_eog(token):
+            self._finish(seq, "stop")
+            return
+        seq.generated += 1
+        self.stats["tokens"] += 1
+        text = seq.text.feed(self.piece(token))
+        seq.stream.push(TokenEvent(text, token, logprob, top))
+        if seq.text.stopped:
+            self._finish(seq, "stop")
+        elif seq.generated >= seq.req.max_tokens:
+            self._finish(seq, "length")
+        else:
+            seq.pending = token
+
+
+def _logprobs(logits_ptr: Any, n_vocab: int, token: int,
+              top_n: int) -> tuple[float, list[tuple[int, float]]]:
+    import numpy as np
+    logits = np.ctypeslib.as_array(logits_ptr, shape=(n_vocab,)).astype(np.float64)
+    peak = logits.max()
+    lse = peak + np.log(np.exp(logits - peak).sum())
+    chosen = float(logits[token] - lse)
+    if top_n <= 0:
+        return chosen, []
+    best = np.argpartition(-logits, top_n)[:top_n]
+    best = best[np.argsort(-logits[best])]
+    return chosen, [(int(t), float(logits[t] - lse)) for t in best]

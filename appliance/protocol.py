@@ -1,0 +1,229 @@
+"""OpenAI request types (pydantic), fields in the order of the OpenAI reference.
+
+Unknown fields are refused (extra="forbid"): a client that sends a parameter we do not implement
+gets a 400 naming it rather than an answer that silently ignored it. Import-light on purpose: no
+engine is imported here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP = 4
+MAX_MESSAGES = 4096
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Unsupported(ValueError):
+    """A known OpenAI parameter this server does not implement; answered with 400 + param."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class FunctionDef(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(Strict):
+    name: str
+    description: str | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None
+                                           or self.json_schema.schema_ is None):
+            raise ValueError("response_format json_schema needs json_schema.schema")
+        return self
+
+
+class StreamOptions(Strict):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"stop takes at most {MAX_STOP} strings")
+    return [s for s in stops if s]
+
+
+class Sampled(Strict):
+    """Parameters shared by chat and completions."""
+
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    n: int | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    user: str | None = None
+    # --- extensions (llama.cpp and vLLM accept these too) ---
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=4)] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        _stop_list(v)
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not key.isdigit():
+                raise ValueError("logit_bias keys are token ids")
+        return v
+
+    def check_common(self) -> None:
+        if self.n not in (None, 1):
+            raise Unsupported("n", "n > 1 is not supported; send separate requests")
+        if self.stream_options is not None and not self.stream:
+            raise Unsupported("stream_options", "stream_options needs stream=true")
+
+    @property
+    def stops(self) -> list[str]:
+        return _stop_list(self.stop)
+
+
+class ChatCompletionRequest(Sampled):
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+    model: str
+    audio: Any | None = None
+    logprobs: bool | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    metadata: dict[str, str] | None = None
+    modalities: list[str] | None = None
+    parallel_tool_calls: bool | None = None
+    prediction: Any | None = None
+    reasoning_effort: str | None = None
+    response_format: ResponseFormat | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    web_search_options: Any | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        for name in ("audio", "prediction", "web_search_options", "reasoning_effort"):
+            if getattr(self, name) is not None:
+                raise Unsupported(name, f"{name} is not supported by this server")
+        if self.modalities not in (None, ["text"]):
+            raise Unsupported("modalities", "only text output is supported")
+        if self.store:
+            raise Unsupported("store", "this appliance stores no completions")
+        if self.service_tier not in (None, "auto", "default"):
+            raise Unsupported("service_tier", "only the default service tier exists here")
+        if self.top_logprobs and not self.logprobs:
+            raise Unsupported("top_logprobs", "top_logprobs needs logprobs=true")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise Unsupported("tool_choice", "tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {t.function.name for t in self.tools or []}
+            if self.tool_choice.function.name not in names:
+                raise Unsupported("tool_choice", f"no tool named {self.tool_choice.function.name}")
+        if self.tools and self.response_format and self.response_format.type != "text":
+            raise Unsupported("response_format", "response_format cannot be combined with tools")
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(Sampled):
+    model: str
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
+    best_of: int | None = None
+    echo: bool | None = False
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    suffix: str | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.best_of not in (None, 1):
+            raise Unsupported("best_of", "best_of > 1 is not supported")
+        if self.suffix:
+            raise Unsupported("suffix", "suffix (fill-in-the-middle) is not supported")
+        if isinstance(self.prompt, list) and self.stream and len(self.prompt) > 1:
+            raise Unsupported("prompt", "streaming takes one prompt at a time")
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+
+def error_body(message: str, type_: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,0 +1,413 @@
+"""OpenAI-compatible routes for chat and completions, plus health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from appliance import __version__, chat_template, grammar
+from appliance import manifest as mf
+from appliance.engines.chat import (
+    ContextTooLong,
+    EngineBusy,
+    Finish,
+    GenerationRequest,
+    GrammarError,
+    Sampling,
+    Stream,
+    TokenEvent,
+)
+from appliance.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    NamedToolChoice,
+    Sampled,
+    Unsupported,
+)
+from appliance.runtime import LoadedModel, Runtime
+from appliance.server import ApiError, sse
+
+router = APIRouter()
+DISCONNECT_POLL = 0.5
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def _model_card(m: LoadedModel) -> dict[str, Any]:
+    return {"id": m.id, "object": "model", "created": m.created, "owned_by": m.bundle}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(m) for m in _runtime(request).served()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    for m in _runtime(request).served():
+        if m.id == model_id:
+            return _model_card(m)
+    raise ApiError(404, f"The model `{model_id}` does not exist", param="model",
+                   code="model_not_found")
+
+
+@router.get("/healthz")
+async def healthz(request: Request) -> JSONResponse:
+    report = _runtime(request).health()
+    return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> PlainTextResponse:
+    lines = []
+    for model, load in _runtime(request).load_report().items():
+        for key, value in load.items():
+            lines.append(f'appliance_chat_{key}{{model="{model}"}} {value}')
+    return PlainTextResponse("\n".join(lines) + "\n")
+
+
+# --- shared generation plumbing ---------------------------------------------------------------
+
+def _sampling(req: Sampled) -> Sampling:
+    return Sampling(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repeat_penalty=req.repetition_penalty or 1.0,
+        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+    )
+
+
+def _submit(model: LoadedModel, gen: GenerationRequest) -> Stream:
+    stream = Stream(asyncio.get_running_loop())
+    try:
+        model.engine.submit(gen, stream)
+    except EngineBusy:
+        raise ApiError(503, "the server is at capacity; retry shortly", "server_error",
+                       code="server_busy", headers={"Retry-After": "1"}) from None
+    except ContextTooLong as exc:
+        raise ApiError(400, exc.message, param="messages",
+                       code="context_length_exceeded") from None
+    except GrammarError as exc:
+        raise ApiError(400, exc.message, param="response_format") from None
+    return stream
+
+
+def _check_logit_bias(model: LoadedModel, req: Sampled) -> None:
+    for key in req.logit_bias or {}:
+        if int(key) >= model.engine.n_vocab:
+            raise Unsupported("logit_bias", f"token id {key} is outside the vocabulary")
+
+
+async def _events(stream: Stream, request: Request) -> AsyncIterator[TokenEvent | Finish]:
+    """Events until Finish; cancels the sequence if the client goes away."""
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(stream.get(), DISCONNECT_POLL)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    stream.cancel()
+                    return
+                continue
+            yield event
+            if isinstance(event, Finish):
+                return
+    finally:
+        stream.cancel()  # no-op when finished; frees the sequence when we stop early
+
+
+def _fail(finish: Finish) -> ApiError:
+    return ApiError(500, finish.error or "generation failed", "server_error")
+
+
+def _usage(f: Finish) -> dict[str, int]:
+    return {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
+            "total_tokens": f.prompt_tokens + f.completion_tokens}
+
+
+def _logprob_entry(model: LoadedModel, ev: TokenEvent) -> dict[str, Any]:
+    engine = model.engine
+
+    def one(token: int, lp: float) -> dict[str, Any]:
+        piece = engine.piece(token)
+        return {"token": piece.decode("utf-8", "replace"), "logprob": lp, "bytes": list(piece)}
+
+    entry = one(ev.token, ev.logprob or 0.0)
+    entry["top_logprobs"] = [one(t, lp) for t, lp in ev.top or []]
+    return entry
+
+
+# --- chat ---------------------------------------------------------------------------------------
+
+def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    out = []
+    for m in req.messages:
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                               "content": m.text()}
+        if m.name:
+            msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
+            if not msg["content"]:
+                msg["content"] = "\n".join(
+                    f'{{"name": "{tc.function.name}", "arguments": {tc.function.arguments}}}'
+                    for tc in m.tool_calls)
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out
+
+
+def _chat_grammar(req: ChatCompletionRequest) -> tuple[str | None, bool]:
+    """(grammar, forced tool call)."""
+    if req.tools and req.tool_choice not in (None, "none", "auto"):
+        only = req.tool_choice.function.name if isinstance(req.tool_choice,
+                                                           NamedToolChoice) else None
+        return grammar.tool_call(req.tools, only), True
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return None, False
+    if rf.type == "json_object":
+        return grammar.json_object(), False
+    assert rf.json_schema is not None and rf.json_schema.schema_ is not None
+    return grammar.json_schema(rf.json_schema.schema_), False
+
+
+def _prompt_tokens(model: LoadedModel, req: ChatCompletionRequest) -> list[int]:
+    if not model.template:
+        raise ApiError(400, f"model {model.id} has no chat template; use /v1/completions",
+                       param="model", code="no_chat_template")
+    tools = None
+    if req.tools and req.tool_choice != "none":
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    try:
+        text = chat_template.render(model.template, _messages(req), bos=model.bos,
+                                    eos=model.eos, tools=tools)
+    except chat_template.TemplateFailure as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+    engine = model.engine
+    add_bos = not (model.bos and text.startswith(model.bos))
+    return list(engine.tokenize(text, add_special=add_bos, parse_special=True))
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response | dict[
+        str, Any]:
+    req.check()
+    model = _runtime(request).get(req.model, mf.Task.CHAT)
+    _check_logit_bias(model, req)
+    prompt = _prompt_tokens(model, req)
+    try:
+        max_tokens = model.engine.check_fits(len(prompt), req.token_limit)
+    except ContextTooLong as exc:
+        raise ApiError(400, exc.message, param="messages",
+                       code="context_length_exceeded") from None
+    gbnf, forced_tool = _chat_grammar(req)
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    gen = GenerationRequest(prompt, max_tokens, _sampling(req), req.stops, gbnf, top)
+    stream = _submit(model, gen)
+    ident = f"chatcmpl-{secrets.token_hex(12)}"
+    tools_possible = bool(req.tools) and req.tool_choice != "none"
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            _chat_stream(model, req, stream, request, ident, include_usage, tools_possible,
+                         forced_tool),
+            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    text, logprobs, finish = "", [], None
+    async for ev in _events(stream, request):
+        if isinstance(ev, Finish):
+            finish = ev
+            text += ev.text
+        else:
+            text += ev.text
+            if req.logprobs:
+                logprobs.append(_logprob_entry(model, ev))
+    if finish is None:
+        return Response(status_code=499)
+    if finish.reason == "error":
+        raise _fail(finish)
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    reason = finish.reason
+    call = grammar.parse_tool_call(text, req.tools) if tools_possible and req.tools else None
+    if call is not None:
+        message["content"] = None
+        message["tool_calls"] = [_tool_call_json(call)]
+        reason = "tool_calls"
+    return {
+        "id": ident, "object": "chat.completion", "created": int(time.time()),
+        "model": model.id, "system_fingerprint": _fingerprint(model),
+        "choices": [{"index": 0, "message": message, "finish_reason": reason,
+                     "logprobs": {"content": logprobs, "refusal": None} if req.logprobs
+                     else None}],
+        "usage": _usage(finish),
+    }
+
+
+def _tool_call_json(call: tuple[str, str], index: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": f"call_{secrets.token_hex(12)}", "type": "function",
+                           "function": {"name": call[0], "arguments": call[1]}}
+    if index is not None:
+        out["index"] = index
+    return out
+
+
+def _fingerprint(model: LoadedModel) -> str:
+    return f"appliance-{__version__}-{model.bundle}-{model.sequence}"
+
+
+async def _chat_stream(model: LoadedModel, req: ChatCompletionRequest, stream: Stream,
+                       request: Request, ident: str, include_usage: bool,
+                       tools_possible: bool, forced_tool: bool) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    base = {"id": ident, "object": "chat.completion.chunk", "created": created,
+            "model": model.id, "system_fingerprint": _fingerprint(model)}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None,
+              logprobs: Any = None) -> bytes:
+        body: dict[str, Any] = {**base, "choices": [
+            {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        if include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    yield chunk({"role": "assistant", "content": ""})
+    # A tool call is only known once its JSON is complete: hold text back while it may be one.
+    held, holding = "", forced_tool
+    async for ev in _events(stream, request):
+        if isinstance(ev, Finish):
+            if ev.reason == "error":
+                yield sse({"error": {"message": ev.error, "type": "server_error",
+                                     "param": None, "code": None}})
+                break
+            held += ev.text
+            call = grammar.parse_tool_call(held, req.tools or []) if tools_possible else None
+            reason = ev.reason
+            if call is not None:
+                yield chunk({"tool_calls": [_tool_call_json(call, 0)]})
+                reason = "tool_calls"
+            elif held:
+                yield chunk({"content": held})
+            yield chunk({}, reason)
+            if include_usage:
+                yield sse({**base, "choices": [], "usage": _usage(ev)})
+            break
+        lp = {"content": [_logprob_entry(model, ev)], "refusal": None} if req.logprobs else None
+        if tools_possible and not holding and not held and not ev.text.strip():
+            held += ev.text
+            continue
+        if tools_possible and not holding and (held + ev.text).lstrip()[:1] in ("{", "<"):
+            holding = True
+        if holding:
+            held += ev.text
+            continue
+        text, held = held + ev.text, ""
+        if text or lp:
+            yield chunk({"content": text}, logprobs=lp)
+    yield sse("[DONE]")
+
+
+# --- completions ----------------------------------------------------------------------------
+
+@router.post("/v1/completions", response_model=None)
+async def completions(req: CompletionRequest, request: Request) -> Response | dict[str, Any]:
+    req.check()
+    model = _runtime(request).get(req.model, mf.Task.CHAT)
+    _check_logit_bias(model, req)
+    engine = model.engine
+    prompts = [engine.tokenize(p, add_special=True, parse_special=False) for p in req.prompts]
+    gens = []
+    for tokens in prompts:
+        try:
+            limit = engine.check_fits(len(tokens), req.max_tokens or 16)
+        except ContextTooLong as exc:
+            raise ApiError(400, exc.message, param="prompt",
+                           code="context_length_exceeded") from None
+        gens.append(GenerationRequest(tokens, limit, _sampling(req), req.stops, None,
+                                      req.logprobs))
+    streams = [_submit(model, g) for g in gens]
+    ident = f"cmpl-{secrets.token_hex(12)}"
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            _completion_stream(model, req, streams[0], request, ident, include_usage),
+            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for i, (prompt, stream) in enumerate(zip(req.prompts, streams, strict=True)):
+        text, events, finish = prompt if req.echo else "", [], None
+        async for ev in _events(stream, request):
+            if isinstance(ev, Finish):
+                finish = ev
+                text += ev.text
+            else:
+                text += ev.text
+                events.append(ev)
+        if finish is None:
+            return Response(status_code=499)
+        if finish.reason == "error":
+            raise _fail(finish)
+        for key, value in _usage(finish).items():
+            usage[key] += value
+        choices.append({"index": i, "text": text, "finish_reason": finish.reason,
+                        "logprobs": _legacy_logprobs(model, events) if req.logprobs is not None
+                        else None})
+    return {"id": ident, "object": "text_completion", "created": int(time.time()),
+            "model": model.id, "system_fingerprint": _fingerprint(model), "choices": choices,
+            "usage": usage}
+
+
+def _legacy_logprobs(model: LoadedModel, events: list[TokenEvent]) -> dict[str, Any]:
+    tokens, lps, tops, offsets, offset = [], [], [], [], 0
+    for ev in events:
+        piece = model.engine.piece(ev.token).decode("utf-8", "replace")
+        tokens.append(piece)
+        lps.append(ev.logprob)
+        tops.append({model.engine.piece(t).decode("utf-8", "replace"): lp
+                     for t, lp in ev.top or []})
+        offsets.append(offset)
+        offset += len(piece)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def _completion_stream(model: LoadedModel, req: CompletionRequest, stream: Stream,
+                             request: Request, ident: str,
+                             include_usage: bool) -> AsyncIterator[bytes]:
+    base = {"id": ident, "object": "text_completion", "created": int(time.time()),
+            "model": model.id, "system_fingerprint": _fingerprint(model)}
+
+    def chunk(text: str, finish: str | None = None) -> bytes:
+        body: dict[str, Any] = {**base, "choices": [
+            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        if include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    if req.echo:
+        yield chunk(req.prompts[0])
+    async for ev in _events(stream, request):
+        if isinstance(ev, Finish):
+            if ev.reason == "error":
+                yield sse({"error": {"message": ev.error, "type": "server_error",
+                                     "param": None, "code": None}})
+                break
+            yield chunk(ev.text, ev.reason)
+            if include_usage:
+                yield sse({**base, "choices": [], "usage": _usage(ev)})
+            break
+        if ev.text:
+            yield chunk(ev.text)
+    yield sse("[DONE]")

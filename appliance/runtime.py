@@ -1,0 +1,180 @@
+"""The device runtime: from the active bundles and the hardware probe to loaded engines.
+
+One `Runtime` per server process. It picks a variant for every model of every active bundle,
+loads the engines this build serves, and records what it chose and why in
+`/var/lib/appliance/runtime.json`, which `appliance-ctl status` shows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance import __version__, hardware
+from appliance import manifest as mf
+from appliance.errors import ApplianceError
+from appliance.fsutil import atomic_write
+from appliance.settings import Settings
+from appliance.store import Installed, Layout, Store
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(ApplianceError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    id: str
+    task: mf.Task
+    bundle: str
+    sequence: int
+    created: int
+    choice: hardware.Choice
+    model: mf.Model
+    engine: Any = None
+    template: str | None = None
+    bos: str = ""
+    eos: str = ""
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _gpu_layers(path: str, offload: float) -> int:
+    """llama.cpp's n_gpu_layers for a share of the model's layers (-1: all)."""
+    if offload >= 1.0:
+        return -1
+    if offload <= 0:
+        return 0
+    import ctypes
+
+    import llama_cpp as ll
+    params = ll.llama_model_default_params()
+    params.vocab_only = True  # metadata only: cheap
+    model = ll.llama_model_load_from_file(path.encode(), params)
+    try:
+        arch = ctypes.create_string_buffer(128)
+        ll.llama_model_meta_val_str(model, b"general.architecture", arch, 128)
+        count = ctypes.create_string_buffer(32)
+        ll.llama_model_meta_val_str(model, arch.value + b".block_count", count, 32)
+        return int(int(count.value or b"0") * offload)
+    finally:
+        ll.llama_model_free(model)
+
+
+class Runtime:
+    def __init__(self, layout: Layout, settings: Settings,
+                 probe: hardware.Probe | None = None) -> None:
+        self.layout = layout
+        self.settings = settings
+        self.probe = probe or hardware.probe()
+        self.models: dict[str, LoadedModel] = {}
+        self.started = time.time()
+
+    def load(self) -> None:
+        """Load every model of every active bundle; a model that fails is reported, not fatal."""
+        store = Store(self.layout)
+        store.cleanup()
+        for inst in store.active_bundles():
+            for model in inst.manifest.models:
+                if model.id in self.models:
+                    log.warning("model %s of bundle %s hides another bundle's", model.id, inst.name)
+                    continue
+                self.models[model.id] = self._load_model(inst, model)
+        self._write_status()
+
+    def _load_model(self, inst: Installed, model: mf.Model) -> LoadedModel:
+        try:
+            choice = hardware.choose(self.probe, model, self.settings.prefer,
+                                     self.settings.memory_fraction, self.settings.threads)
+        except ValueError as exc:
+            placeholder = hardware.Choice(model.variants[0], mf.Backend.CPU, 0, 0, str(exc))
+            return LoadedModel(model.id, model.task, inst.name, inst.sequence,
+                               int(inst.manifest.created.timestamp()), placeholder, model,
+                               error=str(exc))
+        loaded = LoadedModel(model.id, model.task, inst.name, inst.sequence,
+                             int(inst.manifest.created.timestamp()), choice, model)
+        try:
+            if model.task is mf.Task.CHAT:
+                self._load_chat(inst, loaded)
+            else:
+                loaded.error = f"{model.task.value} is not served by this build yet"
+        except ApplianceError as exc:
+            loaded.error = exc.message
+            log.error("model %s failed to load: %s", model.id, exc.message)
+        return loaded
+
+    def _load_chat(self, inst: Installed, loaded: LoadedModel) -> None:
+        from appliance.engines.chat import ChatEngine, EngineConfig
+        s, choice = self.settings, loaded.choice
+        path = inst.file(choice.variant.path)
+        ctx = min(s.ctx_per_seq, loaded.model.defaults.context_length or s.ctx_per_seq)
+        config = EngineConfig(
+            n_gpu_layers=_gpu_layers(str(path), choice.offload), threads=choice.threads,
+            parallel=s.parallel, kv_cells=max(s.kv_cells, ctx), ctx_per_seq=ctx, batch=s.batch,
+            max_queue=s.max_queue)
+        engine = ChatEngine(path, config)
+        loaded.engine = engine
+        loaded.template = loaded.model.defaults.chat_template or engine.chat_template()
+        loaded.bos, loaded.eos = engine.special_tokens()
+        loaded.extra["context_length"] = engine.ctx_per_seq
+
+    def get(self, model_id: str, task: mf.Task) -> LoadedModel:
+        loaded = self.models.get(model_id)
+        if loaded is None or loaded.engine is None or loaded.task is not task:
+            served = [m.id for m in self.models.values() if m.engine and m.task is task]
+            raise ModelNotFound(
+                f"The model `{model_id}` does not exist or does not serve {task.value}",
+                hint=f"available: {', '.join(served) or 'none'}")
+        return loaded
+
+    def served(self) -> list[LoadedModel]:
+        return [m for m in self.models.values() if m.engine is not None]
+
+    def health(self) -> dict[str, Any]:
+        engines = {}
+        now = time.monotonic()
+        for m in self.served():
+            eng = m.engine
+            if not eng.alive():
+                engines[m.id] = "dead"
+            elif eng.busy_since is not None and now - eng.busy_since > 120:
+                engines[m.id] = "stuck"
+            elif eng.busy_since is None and now - eng.heartbeat > 30:
+                engines[m.id] = "stuck"
+            else:
+                engines[m.id] = "ok"
+        ok = bool(engines) and all(v == "ok" for v in engines.values())
+        return {"status": "ok" if ok else "unhealthy", "engines": engines}
+
+    def load_report(self) -> dict[str, Any]:
+        return {m.id: {"active": m.engine.active_count, "queued": m.engine.queue_depth,
+                       **m.engine.stats} for m in self.served()}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "started": int(self.started),
+            "listen": f"{self.settings.host}:{self.settings.port}",
+            "probe": self.probe.to_json(),
+            "models": {
+                m.id: {"task": m.task.value, "bundle": f"{m.bundle}-{m.sequence}",
+                       "loaded": m.engine is not None, "error": m.error,
+                       **m.choice.to_json()}
+                for m in self.models.values()
+            },
+        }
+
+    def _write_status(self) -> None:
+        path = self.layout.state / "runtime.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(self.status(), indent=2).encode())
+
+    def close(self) -> None:
+        for m in self.served():
+            m.engine.close()
+        (self.layout.state / "runtime.json").unlink(missing_ok=True)
