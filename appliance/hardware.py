@@ -125,8 +125,9 @@ def _nvidia_gpus(notes: list[str]) -> list[Gpu]:
         notes.append("NVIDIA device nodes and driver found, nvidia-smi missing: memory unknown")
         return [Gpu("NVIDIA GPU", 0, mf.Backend.CUDA)]
     try:
-        out = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        query = [smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"]
+        out = subprocess.run(query, capture_output=True, text=True, timeout=10,
+                             check=True).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         notes.append(f"nvidia-smi failed: {exc}")
         return []
@@ -229,7 +230,8 @@ def choose(p: Probe, model: mf.Model, prefer: str = "auto", memory_fraction: flo
                     return Choice(v, backend, share, cpu_threads,
                                   f"{gpu.name}: {v.memory_mb} MiB > {budget} MiB, "
                                   f"{share:.0%} of layers offloaded, rest on {cpu_threads} threads")
-                skipped.append(f"{backend.value}/{v.quantization}: {v.memory_mb} MiB > {budget} MiB")
+                skipped.append(
+                    f"{backend.value}/{v.quantization}: {v.memory_mb} MiB > {budget} MiB")
     cpu = [v for v in model.variants if v.backend is mf.Backend.CPU]
     budget = int(p.available_mb * memory_fraction)
     fitting = [v for v in cpu if v.memory_mb <= budget]

@@ -112,11 +112,12 @@ class Runtime:
         from appliance.engines.chat import ChatEngine, EngineConfig
         s, choice = self.settings, loaded.choice
         path = inst.file(choice.variant.path)
-        ctx = min(s.ctx_per_seq, loaded.model.defaults.context_length or s.ctx_per_seq)
+        # each sequence gets its share of the KV budget, up to the model's own context length
+        ctx = min(s.ctx_per_seq, s.kv_cells // s.parallel,
+                  loaded.model.defaults.context_length or s.ctx_per_seq)
         config = EngineConfig(
             n_gpu_layers=_gpu_layers(str(path), choice.offload), threads=choice.threads,
-            parallel=s.parallel, kv_cells=max(s.kv_cells, ctx), ctx_per_seq=ctx, batch=s.batch,
-            max_queue=s.max_queue)
+            parallel=s.parallel, ctx_per_seq=ctx, batch=s.batch, max_queue=s.max_queue)
         engine = ChatEngine(path, config)
         loaded.engine = engine
         loaded.template = loaded.model.defaults.chat_template or engine.chat_template()
@@ -136,18 +137,7 @@ class Runtime:
         return [m for m in self.models.values() if m.engine is not None]
 
     def health(self) -> dict[str, Any]:
-        engines = {}
-        now = time.monotonic()
-        for m in self.served():
-            eng = m.engine
-            if not eng.alive():
-                engines[m.id] = "dead"
-            elif eng.busy_since is not None and now - eng.busy_since > 120:
-                engines[m.id] = "stuck"
-            elif eng.busy_since is None and now - eng.heartbeat > 30:
-                engines[m.id] = "stuck"
-            else:
-                engines[m.id] = "ok"
+        engines = {m.id: m.engine.health() for m in self.served()}
         ok = bool(engines) and all(v == "ok" for v in engines.values())
         return {"status": "ok" if ok else "unhealthy", "engines": engines}
 

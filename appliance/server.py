@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,9 +25,9 @@ from appliance.runtime import ModelNotFound, Runtime
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 OPEN_PATHS = ("/healthz",)  # answered without an API key: says alive or not, nothing more
 
 
@@ -83,21 +83,29 @@ class Guard:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             await self._too_large()(scope, receive, send)
             return
-        seen = 0
-
-        async def limited() -> dict[str, Any]:
-            nonlocal seen
+        # Read the whole body here, counting as it arrives (chunked uploads carry no length),
+        # then hand it to the app in one piece.
+        body = bytearray()
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                await self._too_large()(scope, receive, send)
+                return
+            if not message.get("more_body"):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await self._too_large()(scope, receive, send)
+        async def replay() -> MutableMapping[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     def _too_large(self) -> JSONResponse:
         return ApiError(413, f"request body is larger than {self.settings.max_body_mb} MiB",
@@ -118,10 +126,6 @@ class Guard:
         if scheme.lower() != "bearer" or not key_matches(key.strip(), self.settings.api_key_hashes):
             return ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         return None
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:

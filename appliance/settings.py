@@ -10,8 +10,8 @@
     max_queue = 64              # waiting requests per engine before 503
     [chat]
     parallel = 8                # sequences decoded together
-    kv_cells = 8192             # KV cache cells shared by all sequences
-    ctx_per_seq = 2048          # most tokens one conversation may use
+    kv_cells = 16384            # KV cache cells in all; each sequence gets kv_cells / parallel
+    ctx_per_seq = 2048          # ... but at most this many (and the model's own context)
     threads = 0                 # 0: one per physical core
     batch = 512
     [hardware]
@@ -46,7 +46,7 @@ class Settings:
     max_body_mb: int = 25
     max_queue: int = 64
     parallel: int = 8
-    kv_cells: int = 8192
+    kv_cells: int = 16384
     ctx_per_seq: int = 2048
     threads: int = 0
     batch: int = 512

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,3 +63,71 @@ def cli_env(root: Path) -> dict[str, str]:
     env["APPLIANCE_ROOT"] = str(root)
     env.pop("APPLIANCE_KILL_AT", None)
     return env
+
+
+def run_tool(tool: str, root: Path, *args: str,
+             timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", f"appliance.cli.{tool}", *args],
+                          env=cli_env(root), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def demo_bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(folder with the signing key k.key/k.pub, folder with demo-1.bundle and demo-2.bundle),
+    built once per session from the real PyPI packages (cached in .cache/bundle)."""
+    tmp = tmp_path_factory.mktemp("demo")
+    assert run_tool("build", tmp, "keygen", "--out", str(tmp / "k")).returncode == 0
+    for seq in ("1", "2"):
+        built = run_tool("build", tmp, "bundle", str(PROJECT / "bundles/demo.toml"),
+                         "--key", str(tmp / "k.key"), "--out", str(tmp / "out"),
+                         "--cache", str(PROJECT / ".cache" / "bundle"), "--sequence", seq)
+        assert built.returncode == 0, built.stderr
+    return tmp, tmp / "out"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A real `appliance-ctl serve` on loopback, over a state root with the demo bundle."""
+
+    def __init__(self, root: Path, port: int, proc: subprocess.Popen[str], key: str) -> None:
+        self.root, self.port, self.proc, self.key = root, port, proc, key
+        self.base = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_server(root: Path, demo: tuple[Path, Path], config: str,
+                 env: dict[str, str] | None = None) -> Server:
+    keys_dir, out = demo
+    assert run_tool("ctl", root, "keys", "add", str(keys_dir / "k.pub")).returncode == 0
+    imported = run_tool("ctl", root, "bundle", "import", str(out / "demo-1.bundle"))
+    assert imported.returncode == 0, imported.stderr
+    created = run_tool("ctl", root, "apikey", "create", "tests")
+    assert created.returncode == 0, created.stderr
+    (root / "etc/appliance/appliance.toml").write_text(config)
+    port = free_port()
+    full_env = {**cli_env(root), "APPLIANCE_PORT": str(port), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli.ctl", "serve"], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return Server(root, port, proc, created.stdout.strip())
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("server did not become healthy in 120 s")

@@ -3,33 +3,23 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT, cli_env
+from conftest import run_tool
 
 from appliance import manifest as mf
 
 pytestmark = pytest.mark.models
-CACHE = PROJECT / ".cache" / "bundle"
 
 
 def run(tool: str, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", f"appliance.cli.{tool}", *args],
-                          env=cli_env(root), capture_output=True, text=True, timeout=900)
+    return run_tool(tool, root, *args)
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("demo")
-    assert run("build", tmp, "keygen", "--out", str(tmp / "k")).returncode == 0
-    for seq in ("1", "2"):
-        built = run("build", tmp, "bundle", str(PROJECT / "bundles/demo.toml"),
-                    "--key", str(tmp / "k.key"), "--out", str(tmp / "out"),
-                    "--cache", str(CACHE), "--sequence", seq)
-        assert built.returncode == 0, built.stderr
-    return tmp, tmp / "out"
+def demo(demo_bundles: tuple[Path, Path]) -> tuple[Path, Path]:
+    return demo_bundles
 
 
 def test_demo_bundle_contents(demo: tuple[Path, Path]) -> None:

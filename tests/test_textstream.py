@@ -21,7 +21,7 @@ def test_stop_string_across_tokens() -> None:
 
 
 def test_partial_stop_is_released_when_it_does_not_complete() -> None:
-    out, rest, stopped = run([b"a S", b"T", b"x"], stops=["STOP"])
+    out, _rest, stopped = run([b"a S", b"T", b"x"], stops=["STOP"])
     assert out == ["a ", "", "STx"] and not stopped
 
 
