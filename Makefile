@@ -22,7 +22,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: help venv llama-wheel apt test test-fast run demo-bundle lint clean
 
 help:
-	@echo "make run    build + sign the demo bundle, import it into $(STATE), show status"
+	@echo "make run    build + sign the demo bundle, import it into $(STATE), serve it on :8080"
 	@echo "make test   install what is needed and run the whole test suite"
 
 apt:
@@ -68,12 +68,14 @@ demo-bundle: venv
 	@[ -f $(CACHE)/keys/demo.key ] || $(VENV)/bin/appliance-build keygen --out $(CACHE)/keys/demo
 	$(VENV)/bin/appliance-build bundle bundles/demo.toml --key $(CACHE)/keys/demo.key --out out
 
-# A throwaway device: a fresh state root each time, trusting the local demo key.
+# A throwaway device: a fresh state root each time, trusting the local demo key, serving on
+# loopback without API keys (the only place where auth may be off).
 run: demo-bundle
 	@rm -rf $(STATE); export APPLIANCE_ROOT=$(abspath $(STATE)); \
 	$(VENV)/bin/appliance-ctl keys add $(CACHE)/keys/demo.pub && \
 	$(VENV)/bin/appliance-ctl bundle import out/demo-1.bundle && \
-	$(VENV)/bin/appliance-ctl status
+	$(VENV)/bin/appliance-ctl status && \
+	APPLIANCE_AUTH=false exec $(VENV)/bin/appliance-ctl serve
 
 clean:
 	rm -rf out dist $(STATE)

@@ -199,9 +199,31 @@ def _serve(args: argparse.Namespace, layout: Layout) -> int:
         print(f"{model_id}: {info['backend']}/{info['quantization']} ({info['reason']}); {state}",
               file=sys.stderr)
     app = create_app(runtime, cfg)
+    _banner(cfg, [m.id for m in runtime.served() if m.task.value == "chat"])
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5)
     return 0
+
+
+def _banner(cfg: Any, chat_models: list[str]) -> None:
+    """What to paste into a client, printed as the server starts."""
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    base = f"http://{host}:{cfg.port}/v1"
+    key = "unused" if not cfg.auth else "<your key from `appliance-ctl apikey create`>"
+    model = chat_models[0] if chat_models else "<model>"
+    auth = "" if not cfg.auth else " -H 'Authorization: Bearer $KEY'"
+    print(f"""
+serving on {base}  (Ctrl-C stops)
+
+    from openai import OpenAI
+    client = OpenAI(base_url="{base}", api_key="{key}")
+    reply = client.chat.completions.create(
+        model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])
+    print(reply.choices[0].message.content)
+
+    curl {base}/chat/completions{auth} -H 'Content-Type: application/json' \\
+      -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+""", flush=True)
 
 
 def _probe(args: argparse.Namespace, layout: Layout) -> int:
