@@ -19,7 +19,7 @@ APT_PACKAGES :=
 STATE := $(CACHE)/run
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv llama-wheel apt test test-fast run demo-bundle lint clean
+.PHONY: help venv llama-wheel apt test test-fast run demo-bundle lint clean bench-chat-python
 
 help:
 	@echo "make run    build + sign the demo bundle, import it into $(STATE), serve it on :8080"
@@ -50,7 +50,7 @@ venv: apt llama-wheel
 	  [ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
 	  $(PY) -m pip install -q --upgrade pip && \
 	  $(PY) -m pip install -q $(LLAMA_WHEEL_DIR)/*.whl && \
-	  $(PY) -m pip install -q -e '.[dev,convert]' && \
+	  $(PY) -m pip install -q -e '.[dev,convert,bench]' && \
 	  echo "$$stamp" > $(VENV)/.stamp; \
 	fi
 
@@ -76,6 +76,10 @@ run: demo-bundle
 	$(VENV)/bin/appliance-ctl bundle import out/demo-1.bundle && \
 	$(VENV)/bin/appliance-ctl status && \
 	APPLIANCE_AUTH=false exec $(VENV)/bin/appliance-ctl serve
+
+# Benchmarks print a table with the peer measured in the same run; run them on a quiet machine.
+bench-chat-python: venv
+	$(PY) bench/chat.py
 
 clean:
 	rm -rf out dist $(STATE)

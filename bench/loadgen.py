@@ -1,0 +1,168 @@
+"""Shared load generator for the benchmarks: concurrent streaming clients, timed on the client.
+
+Every request streams (so time-to-first-token is seen as a client sees it) and forbids the end of
+sequence token with logit_bias, so each answer is exactly `max_tokens` long on every server and
+tokens/s compare like for like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+# Mixed prompt lengths: a one-liner, a paragraph, and a long context.
+BASE = ("The appliance runs language models on small devices without any network. "
+        "It verifies signed bundles, keeps them from being rolled back, and serves an API. ")
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    BASE * 3 + "Summarise the text above.",
+    BASE * 12 + "Explain what this device does, step by step.",
+    "List ten uses for a paperclip.",
+]
+
+
+@dataclass
+class Result:
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    wall: float = 0.0
+    errors: int = 0
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall if self.wall else 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict[str, object], out: Result) -> None:
+    start = time.perf_counter()
+    last, first, tokens = start, None, 0
+    async with client.stream("POST", url, json=body, timeout=600) as r:
+        if r.status_code != 200:
+            out.errors += 1
+            await r.aread()
+            return
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if not chunk.get("choices") or not chunk["choices"][0].get("text"):
+                continue
+            now = time.perf_counter()
+            if first is None:
+                first = now
+                out.ttft.append(now - start)
+            else:
+                out.itl.append(now - last)
+            last = now
+    out.tokens += tokens or body["max_tokens"]  # type: ignore[operator]
+
+
+async def run_load(base: str, model: str, clients: int, requests_each: int, max_tokens: int,
+                   eos_id: int, prompts: list[str] | None = None) -> Result:
+    prompts = prompts or PROMPTS
+    out = Result()
+    url = f"{base}/v1/completions"
+
+    async def worker(i: int) -> None:
+        async with httpx.AsyncClient() as client:
+            for k in range(requests_each):
+                body = {"model": model, "prompt": prompts[(i + k) % len(prompts)],
+                        "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                        "logit_bias": {str(eos_id): -100},
+                        "stream_options": {"include_usage": True}}
+                await _one(client, url, body, out)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(clients)))
+    out.wall = time.perf_counter() - start
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"{url} not ready after {timeout} s")
+
+
+def start(cmd: list[str], ready_url: str, env: dict[str, str] | None = None,
+          log: Path | None = None) -> subprocess.Popen[bytes]:
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - lives with the server
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out,
+                            stderr=subprocess.STDOUT)
+    wait_ready(ready_url, proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def eos_token(gguf: Path) -> int:
+    """The model's end-of-sequence id, read with llama.cpp (vocab only)."""
+    import llama_cpp as ll
+    params = ll.llama_model_default_params()
+    params.vocab_only = True
+    model = ll.llama_model_load_from_file(str(gguf).encode(), params)
+    try:
+        return int(ll.llama_vocab_eos(ll.llama_model_get_vocab(model)))
+    finally:
+        ll.llama_model_free(model)
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({model}), Python {sys.version.split()[0]}"
