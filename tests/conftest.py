@@ -131,3 +131,16 @@ def start_server(root: Path, demo: tuple[Path, Path], config: str,
             time.sleep(0.2)
     proc.kill()
     raise AssertionError("server did not become healthy in 120 s")
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf(tmp_path_factory: pytest.TempPathFactory, demo_bundles: tuple[Path, Path]) -> Path:
+    """The demo chat model's GGUF, as installed from the real bundle."""
+    root = tmp_path_factory.mktemp("gguf") / "root"
+    keys_dir, out = demo_bundles
+    assert run_tool("ctl", root, "keys", "add", str(keys_dir / "k.pub")).returncode == 0
+    assert run_tool("ctl", root, "bundle", "import", str(out / "demo-1.bundle")).returncode == 0
+    from appliance.store import Layout, Store
+    inst = Store(Layout(root)).load("demo", 1)
+    model = next(m for m in inst.manifest.models if m.task.value == "chat")
+    return inst.file(model.variants[0].path)

@@ -1,0 +1,107 @@
+"""The chat engine in-process, on the demo bundle's real GGUF."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.engines.chat import (
+    ChatEngine,
+    ContextTooLong,
+    EngineBusy,
+    EngineConfig,
+    Finish,
+    GenerationRequest,
+    GrammarError,
+    Sampling,
+    Stream,
+)
+
+pytestmark = pytest.mark.models
+
+
+@pytest.fixture(scope="module")
+def engine(smollm_gguf: Path) -> Iterator[ChatEngine]:
+    eng = ChatEngine(smollm_gguf, EngineConfig(parallel=2, ctx_per_seq=256, max_queue=2))
+    yield eng
+    if eng.alive():
+        eng.close()
+
+
+def collect(stream: Stream) -> tuple[str, Finish]:
+    text = ""
+    while True:
+        ev = stream.get_sync(timeout=60)
+        text += ev.text
+        if isinstance(ev, Finish):
+            return text, ev
+
+
+def test_generates_and_frees(engine: ChatEngine) -> None:
+    prompt = engine.tokenize("Once upon a time", add_special=True, parse_special=False)
+    s = Stream()
+    engine.submit(GenerationRequest(prompt, 8, Sampling(temperature=0)), s)
+    text, fin = collect(s)
+    assert fin.reason == "length" and fin.completion_tokens == 8 and text
+    assert fin.prompt_tokens == len(prompt)
+    deadline = time.monotonic() + 5
+    while engine.active_count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.active_count == 0
+
+
+def test_cancel_frees_the_sequence(engine: ChatEngine) -> None:
+    prompt = engine.tokenize("Tell me everything", add_special=True, parse_special=False)
+    s = Stream()
+    engine.submit(GenerationRequest(prompt, 200, Sampling(temperature=1.0)), s)
+    s.get_sync(timeout=30)
+    s.cancel()
+    _, fin = collect(s)
+    assert fin.reason == "cancelled" and fin.completion_tokens < 200
+
+
+def test_context_and_queue_limits(engine: ChatEngine) -> None:
+    with pytest.raises(ContextTooLong):
+        engine.check_fits(250, 10)
+    assert engine.check_fits(200, None) == 56
+    with pytest.raises(GrammarError):
+        engine.submit(GenerationRequest([1, 2], 4, grammar="root ::= nonsense-rule"), Stream())
+    streams = [Stream() for _ in range(6)]
+    prompt = engine.tokenize("Count", add_special=True, parse_special=False)
+    accepted = []
+    with pytest.raises(EngineBusy):
+        for s in streams:
+            engine.submit(GenerationRequest(prompt, 30, Sampling(temperature=1.0)), s)
+            accepted.append(s)
+    for s in accepted:
+        s.cancel()
+        collect(s)
+
+
+def test_health_reports_a_dead_engine(smollm_gguf: Path) -> None:
+    eng = ChatEngine(smollm_gguf, EngineConfig(parallel=1, ctx_per_seq=128))
+    assert eng.health() == "ok"
+    eng.close()
+    assert eng.health() == "dead"
+
+
+def test_model_without_a_chat_template_cannot_chat(engine: ChatEngine) -> None:
+    from typing import Any
+
+    from appliance import manifest as mf
+    from appliance.protocol import ChatCompletionRequest
+    from appliance.routes import _prompt_tokens
+    from appliance.runtime import LoadedModel
+    from appliance.server import ApiError
+
+    unused: Any = None
+    base = LoadedModel("base-model", mf.Task.CHAT, "bench", 1, 0, unused, unused, engine=engine,
+                       template=None)
+    req = ChatCompletionRequest(model="base-model", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(ApiError) as info:
+        _prompt_tokens(base, req)
+    assert info.value.status == 400 and info.value.code == "no_chat_template"
+    assert "base-model" in info.value.message
