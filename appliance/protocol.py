@@ -227,3 +227,31 @@ class CompletionRequest(Sampled):
 def error_body(message: str, type_: str, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class EmbeddingRequest(Strict):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+    def items(self) -> tuple[list[str], list[list[int]]]:
+        """(texts, token lists): exactly one of them is non-empty."""
+        raw = self.input
+        if isinstance(raw, str):
+            raw = [raw]
+        if not raw:
+            raise Unsupported("input", "input must not be empty")
+        if all(isinstance(x, str) for x in raw):
+            texts = [x for x in raw if isinstance(x, str)]
+            if any(not t for t in texts):
+                raise Unsupported("input", "input must not contain empty strings")
+            return texts, []
+        if all(isinstance(x, int) for x in raw):
+            return [], [[x for x in raw if isinstance(x, int)]]
+        lists = [x for x in raw if isinstance(x, list)]
+        if len(lists) != len(raw) or any(not x for x in lists):
+            raise Unsupported("input", "input must be text, a list of texts, token ids, or "
+                                       "a list of non-empty token id lists")
+        return [], lists

@@ -74,6 +74,8 @@ class Runtime:
         self.probe = probe or hardware.probe()
         self.models: dict[str, LoadedModel] = {}
         self.started = time.time()
+        from appliance.engines.lanes import CoreLanes
+        self.lanes = CoreLanes(settings.threads or self.probe.physical_cores, settings.aux_cores)
 
     def load(self) -> None:
         """Load every model of every active bundle; a model that fails is reported, not fatal."""
@@ -99,10 +101,9 @@ class Runtime:
         loaded = LoadedModel(model.id, model.task, inst.name, inst.sequence,
                              int(inst.manifest.created.timestamp()), choice, model)
         try:
-            if model.task is mf.Task.CHAT:
-                self._load_chat(inst, loaded)
-            else:
-                loaded.error = f"{model.task.value} is not served by this build yet"
+            loader = {mf.Task.CHAT: self._load_chat, mf.Task.EMBEDDINGS: self._load_embed,
+                      mf.Task.TRANSCRIPTION: self._load_whisper}[model.task]
+            loader(inst, loaded)
         except ApplianceError as exc:
             loaded.error = exc.message
             log.error("model %s failed to load: %s", model.id, exc.message)
@@ -118,11 +119,28 @@ class Runtime:
         config = EngineConfig(
             n_gpu_layers=_gpu_layers(str(path), choice.offload), threads=choice.threads,
             parallel=s.parallel, ctx_per_seq=ctx, batch=s.batch, max_queue=s.max_queue)
-        engine = ChatEngine(path, config)
+        engine = ChatEngine(path, config, self.lanes)
         loaded.engine = engine
         loaded.template = loaded.model.defaults.chat_template or engine.chat_template()
         loaded.bos, loaded.eos = engine.special_tokens()
         loaded.extra["context_length"] = engine.ctx_per_seq
+
+    def _load_embed(self, inst: Installed, loaded: LoadedModel) -> None:
+        from appliance.engines.embed import EmbedEngine
+        d = loaded.model.defaults
+        loaded.engine = EmbedEngine(inst.file(loaded.choice.variant.path),
+                                    d.max_input_tokens or 512, self.lanes)
+        if d.dimensions and d.dimensions != loaded.engine.dimensions:
+            raise ApplianceError(f"{loaded.id}: the bundle says {d.dimensions} dimensions, the "
+                                 f"model gives {loaded.engine.dimensions}")
+
+    def _load_whisper(self, inst: Installed, loaded: LoadedModel) -> None:
+        from appliance.engines.transcribe import TranscribeEngine
+        gpu = loaded.choice.backend is mf.Backend.CUDA
+        loaded.engine = TranscribeEngine(
+            inst.file(loaded.choice.variant.path), self.lanes, device="cuda" if gpu else "cpu",
+            compute_type="float16" if gpu else "int8", threads=1,
+            languages=loaded.model.defaults.languages)
 
     def get(self, model_id: str, task: mf.Task) -> LoadedModel:
         loaded = self.models.get(model_id)
@@ -142,8 +160,13 @@ class Runtime:
         return {"status": "ok" if ok else "unhealthy", "engines": engines}
 
     def load_report(self) -> dict[str, Any]:
-        return {m.id: {"active": m.engine.active_count, "queued": m.engine.queue_depth,
-                       **m.engine.stats} for m in self.served()}
+        report: dict[str, Any] = {}
+        for m in self.served():
+            eng = m.engine
+            extra = ({"active": eng.active_count, "queued": eng.queue_depth}
+                     if m.task is mf.Task.CHAT else {})
+            report[m.id] = {"task": m.task.value, **extra, **eng.stats}
+        return report
 
     def status(self) -> dict[str, Any]:
         return {
@@ -151,6 +174,7 @@ class Runtime:
             "started": int(self.started),
             "listen": f"{self.settings.host}:{self.settings.port}",
             "probe": self.probe.to_json(),
+            "lanes": self.lanes.report(),
             "models": {
                 m.id: {"task": m.task.value, "bundle": f"{m.bundle}-{m.sequence}",
                        "loaded": m.engine is not None, "error": m.error,

@@ -183,8 +183,10 @@ def create_app(runtime: Runtime, settings: Settings) -> Any:
         return ApiError(500, "internal error; see the appliance's journal", "server_error"
                         ).response()
 
-    from appliance import routes
+    from appliance import routes, routes_audio, routes_embeddings
     app.include_router(routes.router)
+    app.include_router(routes_embeddings.router)
+    app.include_router(routes_audio.router)
     return Guard(app, settings)
 
 

@@ -17,6 +17,11 @@
     [hardware]
     prefer = "auto"             # or "cpu"
     memory_fraction = 0.9
+    aux_cores = 1               # cores lent to embeddings/transcription while they run
+    [limits]
+    max_embedding_inputs = 2048 # inputs in one embeddings request
+    max_embedding_tokens = 300000   # tokens in one embeddings request
+    max_audio_seconds = 1800    # longest audio accepted for transcription
 
 API keys live apart, in `<root>/etc/appliance/api-keys` (one `name sha256hex` per line, written
 by `appliance-ctl apikey create`), so a key never sits in a config file in clear.
@@ -52,6 +57,10 @@ class Settings:
     batch: int = 512
     prefer: str = "auto"
     memory_fraction: float = 0.9
+    aux_cores: int = 1
+    max_embedding_inputs: int = 2048
+    max_embedding_tokens: int = 300_000
+    max_audio_seconds: int = 1800
     api_key_hashes: tuple[str, ...] = field(default=(), repr=False)
 
     @property
@@ -80,7 +89,8 @@ def load(layout: Layout, env: dict[str, str] | None = None) -> Settings:
     s = Settings()
     if layout.config.exists():
         doc = load_toml(layout.config.read_bytes(), str(layout.config), MAX_SETTINGS)
-        server, chat, hw = (doc.table(k, required=False) for k in ("server", "chat", "hardware"))
+        server, chat, hw, limits = (doc.table(k, required=False)
+                                    for k in ("server", "chat", "hardware", "limits"))
         doc.done()
         if server is not None:
             s = replace(
@@ -117,8 +127,24 @@ def load(layout: Layout, env: dict[str, str] | None = None) -> Settings:
             if prefer not in ("auto", "cpu"):
                 raise FormatError(f"{layout.config}: hardware.prefer must be auto or cpu")
             s = replace(s, prefer=prefer, memory_fraction=hw.number(
-                "memory_fraction", lo=0.05, hi=1.0, default=s.memory_fraction))
+                "memory_fraction", lo=0.05, hi=1.0, default=s.memory_fraction),
+                aux_cores=hw.integer("aux_cores", required=False, lo=1, hi=1024,
+                                     default=s.aux_cores) or s.aux_cores)
             hw.done()
+        if limits is not None:
+            s = replace(
+                s,
+                max_embedding_inputs=limits.integer(
+                    "max_embedding_inputs", required=False, lo=1, hi=100_000,
+                    default=s.max_embedding_inputs) or s.max_embedding_inputs,
+                max_embedding_tokens=limits.integer(
+                    "max_embedding_tokens", required=False, lo=1, hi=10_000_000,
+                    default=s.max_embedding_tokens) or s.max_embedding_tokens,
+                max_audio_seconds=limits.integer(
+                    "max_audio_seconds", required=False, lo=1, hi=86_400,
+                    default=s.max_audio_seconds) or s.max_audio_seconds,
+            )
+            limits.done()
     s = _env(s, env)
     return replace(s, api_key_hashes=tuple(read_api_keys(api_keys_path(layout)).values()))
 
@@ -146,6 +172,8 @@ def _env(s: Settings, env: dict[str, str]) -> Settings:
         ctx_per_seq=num("APPLIANCE_CTX_PER_SEQ", s.ctx_per_seq),
         threads=num("APPLIANCE_THREADS", s.threads),
         max_queue=num("APPLIANCE_MAX_QUEUE", s.max_queue),
+        aux_cores=num("APPLIANCE_AUX_CORES", s.aux_cores),
+        max_audio_seconds=num("APPLIANCE_MAX_AUDIO_SECONDS", s.max_audio_seconds),
         prefer=env.get("APPLIANCE_PREFER", s.prefer),
     )
 

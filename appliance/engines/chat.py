@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.engines.lanes import CoreLanes
 from appliance.engines.textstream import TextAssembler
 from appliance.errors import ApplianceError
 from appliance.hardware import physical_cores
@@ -176,9 +177,11 @@ class _Seq:
 class ChatEngine:
     """One GGUF model, one llama context, one scheduler thread."""
 
-    def __init__(self, model_path: Path, config: EngineConfig) -> None:
+    def __init__(self, model_path: Path, config: EngineConfig,
+                 lanes: CoreLanes | None = None) -> None:
         """Load `model_path` with `config.n_gpu_layers` layers offloaded (-1: all) and start the
-        scheduler. Decoding uses `config.threads` CPU threads (0: one per physical core)."""
+        scheduler. Decoding uses `config.threads` CPU threads (0: one per physical core), fewer
+        while other engines hold some of the `lanes`."""
         self.config = config
         self.path = model_path
         ll = _llama()
@@ -195,6 +198,8 @@ class ChatEngine:
         self.n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train = ll.llama_model_n_ctx_train(self._model)
         threads = config.threads or physical_cores()
+        self.lanes = lanes or CoreLanes(threads)
+        self._threads = threads
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = config.ctx_per_seq * config.parallel
         cparams.n_batch = config.batch
@@ -421,7 +426,15 @@ class ChatEngine:
             self._stop = True
             raise
 
+    def _fit_threads(self) -> None:
+        """Decode on the cores that no other engine is using right now."""
+        want = min(self.config.threads or self.lanes.cores, self.lanes.chat_threads())
+        if want != self._threads:
+            self._ll.llama_set_n_threads(self._ctx, want, want)
+            self._threads = want
+
     def _step(self) -> None:
+        self._fit_threads()
         ll, batch = self._ll, self._batch
         n = 0
         outputs: list[tuple[_Seq, int]] = []

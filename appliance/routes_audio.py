@@ -1,0 +1,230 @@
+"""POST /v1/audio/transcriptions and /v1/audio/translations (multipart, as OpenAI's).
+
+The form is read with fixed limits and every field is checked by name: an unknown field is a 400,
+not something silently ignored. The upload's file name is never used, as a path or otherwise; the
+format is found from the content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import UploadFile
+
+from appliance import audio
+from appliance import manifest as mf
+from appliance.engines.transcribe import Segment, Transcript
+from appliance.errors import ApplianceError
+from appliance.protocol import Unsupported
+from appliance.runtime import LoadedModel, Runtime
+from appliance.server import ApiError, sse
+
+router = APIRouter()
+FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+FIELDS = {"file", "model", "language", "prompt", "response_format", "temperature",
+          "timestamp_granularities[]", "stream"}
+LANGUAGE_NAMES = {
+    "en": "english", "de": "german", "fr": "french", "es": "spanish", "it": "italian",
+    "pt": "portuguese", "nl": "dutch", "pl": "polish", "ru": "russian", "uk": "ukrainian",
+    "zh": "chinese", "ja": "japanese", "ko": "korean", "ar": "arabic", "tr": "turkish",
+    "sv": "swedish", "da": "danish", "fi": "finnish", "no": "norwegian", "cs": "czech",
+}
+
+
+class _Form:
+    """The parsed, checked form of one request."""
+
+    def __init__(self, fields: dict[str, Any], translate: bool) -> None:
+        self.translate = translate
+        self.model = _text(fields, "model", required=True) or ""
+        self.language = None if translate else _text(fields, "language")
+        if self.language is not None and not (self.language.isalpha()
+                                              and 2 <= len(self.language) <= 3):
+            raise Unsupported("language", "language must be an ISO-639-1 code such as `en`")
+        self.prompt = _text(fields, "prompt")
+        self.format = _text(fields, "response_format") or "json"
+        if self.format not in FORMATS:
+            raise Unsupported("response_format", f"response_format must be one of {FORMATS}")
+        raw_temp = _text(fields, "temperature")
+        try:
+            self.temperature = float(raw_temp) if raw_temp is not None else None
+        except ValueError:
+            raise Unsupported("temperature", "temperature must be a number") from None
+        if self.temperature is not None and not 0 <= self.temperature <= 1:
+            raise Unsupported("temperature", "temperature must be between 0 and 1")
+        grains = fields.get("timestamp_granularities[]", [])
+        if set(grains) - {"word", "segment"}:
+            raise Unsupported("timestamp_granularities[]", "use `word` and/or `segment`")
+        if grains and self.format != "verbose_json":
+            raise Unsupported("timestamp_granularities[]",
+                              "timestamp_granularities needs response_format verbose_json")
+        self.words = "word" in grains
+        self.segments = "segment" in grains or not grains
+        self.stream = (_text(fields, "stream") or "false").lower() == "true"
+        if self.stream and self.format not in ("json", "text"):
+            raise Unsupported("stream", "streaming gives text deltas: use json or text")
+
+
+def _text(fields: dict[str, Any], name: str, required: bool = False) -> str | None:
+    values = fields.get(name, [])
+    if len(values) > 1:
+        raise Unsupported(name, f"{name} is given more than once")
+    if not values:
+        if required:
+            raise Unsupported(name, f"{name} is required")
+        return None
+    if not isinstance(values[0], str):
+        raise Unsupported(name, f"{name} must be a text field")
+    return str(values[0])
+
+
+async def _read_form(request: Request) -> tuple[dict[str, list[Any]], bytes]:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ApiError(400, "send the audio as multipart/form-data", param="file")
+    try:
+        form = await request.form(max_files=1, max_fields=16)
+    except Exception as exc:  # starlette raises several types for malformed multipart
+        raise ApiError(400, f"the form could not be read: {exc}", param="file") from None
+    fields: dict[str, list[Any]] = {}
+    for key, value in form.multi_items():
+        if key not in FIELDS:
+            raise Unsupported(key, f"Unrecognized request argument supplied: {key}")
+        fields.setdefault(key, []).append(value)
+    files = fields.pop("file", [])
+    if len(files) != 1 or not isinstance(files[0], UploadFile):
+        raise Unsupported("file", "exactly one audio file is required in the `file` field")
+    data = await files[0].read()
+    await form.close()
+    if not data:
+        raise Unsupported("file", "the audio file is empty")
+    return fields, data
+
+
+def _stamp(seconds: float, sep: str) -> str:
+    ms = round(seconds * 1000)
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def render(t: Transcript, form: _Form) -> Response:
+    usage = {"type": "duration", "seconds": round(t.duration)}
+    if form.format == "text":
+        return PlainTextResponse(t.text + "\n")
+    if form.format == "srt":
+        body = "".join(f"{i}\n{_stamp(s.start, ',')} --> {_stamp(s.end, ',')}\n{s.text.strip()}\n\n"
+                       for i, s in enumerate(t.segments, start=1))
+        return PlainTextResponse(body, media_type="application/x-subrip")
+    if form.format == "vtt":
+        body = "WEBVTT\n\n" + "".join(
+            f"{_stamp(s.start, '.')} --> {_stamp(s.end, '.')}\n{s.text.strip()}\n\n"
+            for s in t.segments)
+        return PlainTextResponse(body, media_type="text/vtt")
+    if form.format == "json":
+        return JSONResponse({"text": t.text, "usage": usage})
+    out: dict[str, Any] = {
+        "task": "translate" if form.translate else "transcribe",
+        "language": "english" if form.translate else LANGUAGE_NAMES.get(t.language, t.language),
+        "duration": round(t.duration, 3), "text": t.text, "usage": usage,
+    }
+    if form.segments:
+        out["segments"] = [_segment_json(s) for s in t.segments]
+    if form.words:
+        out["words"] = [{"word": w.word.strip(), "start": round(w.start, 3),
+                         "end": round(w.end, 3)} for s in t.segments for w in s.words]
+    return JSONResponse(out)
+
+
+def _segment_json(s: Segment) -> dict[str, Any]:
+    return {"id": s.id, "seek": s.seek, "start": round(s.start, 3), "end": round(s.end, 3),
+            "text": s.text, "tokens": s.tokens, "temperature": s.temperature,
+            "avg_logprob": s.avg_logprob, "compression_ratio": s.compression_ratio,
+            "no_speech_prob": s.no_speech_prob}
+
+
+async def _handle(request: Request, translate: bool) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    fields, data = await _read_form(request)
+    form = _Form(fields, translate)
+    model = runtime.get(form.model, mf.Task.TRANSCRIPTION)
+    try:
+        model.engine.check(form.language, translate)
+    except ApplianceError as exc:
+        raise Unsupported("model" if translate else "language", exc.message) from None
+    waiting = request.app.state.__dict__.setdefault("audio_waiting", [0])
+    if waiting[0] >= runtime.settings.max_queue:
+        raise ApiError(503, "the transcription queue is full; retry shortly", "server_error",
+                       code="server_busy", headers={"Retry-After": "5"})
+    waiting[0] += 1
+    try:
+        try:
+            pcm = await asyncio.to_thread(audio.decode, data, runtime.settings.max_audio_seconds)
+        except audio.AudioError as exc:
+            raise Unsupported("file", exc.message) from None
+        kw = {"language": form.language, "prompt": form.prompt,
+              "temperature": form.temperature, "translate": translate, "words": form.words}
+        if form.stream:
+            return StreamingResponse(_stream(model, pcm, kw, waiting),
+                                     media_type="text/event-stream")
+        transcript = await asyncio.to_thread(model.engine.transcribe, pcm, **kw)
+    finally:
+        if not form.stream:
+            waiting[0] -= 1
+    return render(transcript, form)
+
+
+async def _stream(model: LoadedModel, pcm: Any, kw: dict[str, Any],
+                  waiting: list[int]) -> AsyncIterator[bytes]:
+    """Text deltas per segment as server-sent events, then the whole text."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+    gone = threading.Event()  # the client left: stop decoding after the current segment
+
+    def work() -> None:
+        try:
+            with model.engine.lanes.borrow("transcription"):
+                segments, _, _ = model.engine.stream(pcm, **kw)
+                for seg in segments:
+                    if gone.is_set():
+                        return
+                    loop.call_soon_threadsafe(queue.put_nowait, seg.text)
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+        except BaseException as exc:  # handed to the client as an error event
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+    loop.run_in_executor(None, work)
+    parts: list[str] = []
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                yield sse({"error": {"message": "transcription failed", "type": "server_error",
+                                     "param": None, "code": None}})
+                return
+            text = item if parts else item.lstrip()
+            parts.append(text)
+            yield sse({"type": "transcript.text.delta", "delta": text})
+        yield sse({"type": "transcript.text.done", "text": "".join(parts).strip()})
+        yield sse("[DONE]")
+    finally:
+        gone.set()
+        waiting[0] -= 1
+
+
+@router.post("/v1/audio/transcriptions", response_model=None)
+async def transcriptions(request: Request) -> Response:
+    return await _handle(request, translate=False)
+
+
+@router.post("/v1/audio/translations", response_model=None)
+async def translations(request: Request) -> Response:
+    return await _handle(request, translate=True)
