@@ -15,7 +15,7 @@ import os
 import platform
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -207,10 +207,17 @@ def _gpu_usable(p: Probe, fmt: mf.WeightFormat, backend: mf.Backend) -> str | No
 
 
 def choose(p: Probe, model: mf.Model, prefer: str = "auto", memory_fraction: float = 0.9,
-           threads: int = 0) -> Choice:
+           threads: int = 0, quantization: str | None = None) -> Choice:
     """Pick the variant of `model` to load: a GPU variant that fits (fully, else partly
     offloaded for GGUF), otherwise the CPU variant that fits, preferring faster quantisations.
-    `prefer` = "cpu" forbids GPUs. Raises ValueError when nothing fits."""
+    `prefer` = "cpu" forbids GPUs; `quantization` pins one. Raises ValueError when nothing
+    fits."""
+    if quantization is not None:
+        pinned = tuple(v for v in model.variants if v.quantization == quantization)
+        if not pinned:
+            raise ValueError(f"{model.id} has no {quantization} variant "
+                             f"(it has {', '.join(v.quantization for v in model.variants)})")
+        model = replace(model, variants=pinned)
     cpu_threads = threads or p.physical_cores
     skipped: list[str] = []
     if prefer != "cpu":

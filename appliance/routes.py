@@ -68,10 +68,12 @@ async def healthz(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> PlainTextResponse:
-    lines = []
-    for model, load in _runtime(request).load_report().items():
+    runtime = _runtime(request)
+    lines = [f"appliance_{k} {v}" for k, v in runtime.lanes.report().items()]
+    for model, load in runtime.load_report().items():
+        task = load.pop("task")
         for key, value in load.items():
-            lines.append(f'appliance_chat_{key}{{model="{model}"}} {value}')
+            lines.append(f'appliance_{task}_{key}{{model="{model}"}} {value}')
     return PlainTextResponse("\n".join(lines) + "\n")
 
 

@@ -92,7 +92,8 @@ class Runtime:
     def _load_model(self, inst: Installed, model: mf.Model) -> LoadedModel:
         try:
             choice = hardware.choose(self.probe, model, self.settings.prefer,
-                                     self.settings.memory_fraction, self.settings.threads)
+                                     self.settings.memory_fraction, self.settings.threads,
+                                     dict(self.settings.quantization).get(model.id))
         except ValueError as exc:
             placeholder = hardware.Choice(model.variants[0], mf.Backend.CPU, 0, 0, str(exc))
             return LoadedModel(model.id, model.task, inst.name, inst.sequence,

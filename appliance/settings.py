@@ -18,6 +18,8 @@
     prefer = "auto"             # or "cpu"
     memory_fraction = 0.9
     aux_cores = 1               # cores lent to embeddings/transcription while they run
+    [models]
+    quantization = { "all-minilm-l6-v2" = "fp32" }   # pin a model's variant by quantisation
     [limits]
     max_embedding_inputs = 2048 # inputs in one embeddings request
     max_embedding_tokens = 300000   # tokens in one embeddings request
@@ -58,6 +60,7 @@ class Settings:
     prefer: str = "auto"
     memory_fraction: float = 0.9
     aux_cores: int = 1
+    quantization: tuple[tuple[str, str], ...] = ()
     max_embedding_inputs: int = 2048
     max_embedding_tokens: int = 300_000
     max_audio_seconds: int = 1800
@@ -89,8 +92,9 @@ def load(layout: Layout, env: dict[str, str] | None = None) -> Settings:
     s = Settings()
     if layout.config.exists():
         doc = load_toml(layout.config.read_bytes(), str(layout.config), MAX_SETTINGS)
-        server, chat, hw, limits = (doc.table(k, required=False)
-                                    for k in ("server", "chat", "hardware", "limits"))
+        server, chat, hw, limits, models = (
+            doc.table(k, required=False)
+            for k in ("server", "chat", "hardware", "limits", "models"))
         doc.done()
         if server is not None:
             s = replace(
@@ -131,6 +135,13 @@ def load(layout: Layout, env: dict[str, str] | None = None) -> Settings:
                 aux_cores=hw.integer("aux_cores", required=False, lo=1, hi=1024,
                                      default=s.aux_cores) or s.aux_cores)
             hw.done()
+        if models is not None:
+            pins = models.table("quantization", required=False)
+            if pins is not None:
+                s = replace(s, quantization=tuple(
+                    (key, pins.req_string(key, max_len=32)) for key in list(pins.keys())))
+                pins.done()
+            models.done()
         if limits is not None:
             s = replace(
                 s,

@@ -57,6 +57,9 @@ class Fields:
     def has(self, key: str) -> bool:
         return key in self._table
 
+    def keys(self) -> list[str]:
+        return list(self._table)
+
     def string(
         self,
         key: str,

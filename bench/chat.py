@@ -42,7 +42,8 @@ def install(recipe: Path, root: Path, work: Path) -> tuple[str, Path]:
     return model.id, inst.file(variant.path)
 
 
-def measure(name: str, base: str, model: str, args: argparse.Namespace, eos: int) -> dict[int, object]:
+def measure(name: str, base: str, model: str, args: argparse.Namespace,
+            eos: int) -> dict[int, object]:
     results = {}
     for clients in args.clients:
         each = args.rounds if clients > 1 else args.rounds + 1

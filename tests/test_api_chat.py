@@ -46,7 +46,7 @@ def client(server: Server) -> openai.OpenAI:
 
 def test_models(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
-    assert ids == [MODEL]  # embeddings and transcription are not served by this build yet
+    assert ids == [MODEL, "all-minilm-l6-v2", "whisper-tiny.en"]
     assert client.models.retrieve(MODEL).owned_by == "demo"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
@@ -239,7 +239,8 @@ def test_auth(server: Server) -> None:
             bad.models.list()
     r = httpx.get(f"{server.base}/v1/models")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(f"{server.base}/healthz").json()["engines"] == {MODEL: "ok"}
+    engines = httpx.get(f"{server.base}/healthz").json()["engines"]
+    assert engines == {MODEL: "ok", "all-minilm-l6-v2": "ok", "whisper-tiny.en": "ok"}
 
 
 def _headers(server: Server, **extra: str) -> dict[str, str]:

@@ -97,3 +97,10 @@ def test_live_probe_of_this_machine() -> None:
     assert p.logical_cores >= p.physical_cores >= 1
     assert p.memory_mb >= p.available_mb > 0
     assert hardware.Probe.from_json(json.loads(json.dumps(p.to_json()))) == p
+
+
+def test_pinned_quantization() -> None:
+    p = probe("x86-64-cpu-2core")
+    assert hardware.choose(p, EMBED, quantization="fp32").variant.quantization == "fp32"
+    with pytest.raises(ValueError, match="no Q8_0 variant"):
+        hardware.choose(p, EMBED, quantization="Q8_0")

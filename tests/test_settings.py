@@ -59,3 +59,10 @@ def test_api_keys_file(tmp_path: Path) -> None:
     path.write_text("laptop short\n")
     with pytest.raises(FormatError, match="api-keys:1"):
         settings.load(Layout(tmp_path), env={})
+
+
+def test_quantization_pins(tmp_path: Path) -> None:
+    layout = write(tmp_path, '[models]\nquantization = { "all-minilm-l6-v2" = "fp32" }\n')
+    assert settings.load(layout, env={}).quantization == (("all-minilm-l6-v2", "fp32"),)
+    with pytest.raises(FormatError, match="must be a string"):
+        settings.load(write(tmp_path, '[models]\nquantization = { "m" = 8 }\n'), env={})

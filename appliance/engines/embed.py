@@ -5,6 +5,12 @@ Requests from concurrent clients are gathered for a few milliseconds into one pa
 (sorted by length so padding stays small), run once, and the rows handed back. MiniLM's
 tokenizer.json pads every input to 128 tokens; here padding is dynamic (to the longest input of
 the batch) and truncation is off: an input longer than the model's limit is the client's error.
+
+The int8 variant quantises activations with one scale per batch (onnxruntime's dynamic
+quantisation), so a row's vector moves slightly with its batch mates (cosine to the same text
+embedded alone >= 0.98, measured 0.985-0.994 on the parity sentences); fp32 rows are identical
+either way. int8 is twice as fast here, so it is the CPU default; settings can pick fp32
+(`[models] quantization = { "all-minilm-l6-v2" = "fp32" }`).
 """
 
 from __future__ import annotations
