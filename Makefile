@@ -19,7 +19,7 @@ APT_PACKAGES := espeak-ng sox
 STATE := $(CACHE)/run
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv llama-wheel apt test test-fast run demo-bundle lint clean bench-chat-python
+.PHONY: help venv llama-wheel apt test test-fast run demo-bundle lint clean bench-chat-python bench-embed bench-asr
 
 help:
 	@echo "make run    build + sign the demo bundle, import it into $(STATE), serve it on :8080"
@@ -80,6 +80,12 @@ run: demo-bundle
 # Benchmarks print a table with the peer measured in the same run; run them on a quiet machine.
 bench-chat-python: venv
 	$(PY) bench/chat.py
+
+bench-embed: venv
+	$(PY) bench/embed.py
+
+bench-asr: venv apt
+	$(PY) bench/asr.py
 
 clean:
 	rm -rf out dist $(STATE)

@@ -252,7 +252,7 @@ def choose(p: Probe, model: mf.Model, prefer: str = "auto", memory_fraction: flo
         return _CPU_PREFERENCE.index(q) if q in _CPU_PREFERENCE else len(_CPU_PREFERENCE)
 
     best = min(fitting, key=rank)
-    why = f"CPU, {cpu_threads} threads ({', '.join(p.simd) or 'no SIMD flags'})"
+    why = f"CPU ({', '.join(p.simd) or 'no SIMD flags'})"
     if skipped:
         why += "; " + "; ".join(skipped)
     return Choice(best, mf.Backend.CPU, 0.0, cpu_threads, why)

@@ -11,32 +11,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from loadgen import eos_token, free_port, machine, pct, run_load, start, stop, table
-
-PROJECT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
+from loadgen import (
+    PROJECT,
+    eos_token,
+    free_port,
+    install_bundle,
+    machine,
+    pct,
+    run_load,
+    serve,
+    start,
+    stop,
+    table,
+)
 
 
 def install(recipe: Path, root: Path, work: Path) -> tuple[str, Path]:
     """Build + import the bundle; return (model id, path of its GGUF in the store)."""
-    ctl, build = str(VENV_BIN / "appliance-ctl"), str(VENV_BIN / "appliance-build")
-    env = {"APPLIANCE_ROOT": str(root)}
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True,  # noqa: E731
-                                    env={**__import__("os").environ, **env})
-    run(build, "keygen", "--out", str(work / "k"))
-    run(build, "bundle", str(recipe), "--key", str(work / "k.key"), "--out", str(work / "out"),
-        "--cache", str(PROJECT / ".cache" / "bundle"))
-    run(ctl, "keys", "add", str(work / "k.pub"))
-    bundle = next((work / "out").glob("*.bundle"))
-    run(ctl, "bundle", "import", str(bundle))
-    sys.path.insert(0, str(PROJECT))
-    from appliance.store import Layout, Store
-    inst = Store(Layout(root)).active_bundles()[0]
+    inst = install_bundle(recipe, root, work)
     model = next(m for m in inst.manifest.models if m.task.value == "chat")
     variant = next(v for v in model.variants if v.backend.value == "cpu")
     return model.id, inst.file(variant.path)
@@ -69,16 +65,12 @@ def main() -> None:
         eos = eos_token(gguf)
         rows: dict[str, dict[int, object]] = {}
 
-        port = free_port()
-        ours = start([str(VENV_BIN / "appliance-ctl"), "serve"], f"http://127.0.0.1:{port}/healthz",
-                     env={"APPLIANCE_ROOT": str(work / "root"), "APPLIANCE_AUTH": "false",
-                          "APPLIANCE_PORT": str(port), "APPLIANCE_THREADS": str(args.threads),
-                          "APPLIANCE_PARALLEL": str(max(args.clients)),
-                          "APPLIANCE_CTX_PER_SEQ": str(args.ctx_per_seq),
-                          "APPLIANCE_KV_CELLS": str(args.ctx_per_seq * max(args.clients))},
-                     log=work / "ours.log")
+        ours, base = serve(work / "root", work / "ours.log", APPLIANCE_THREADS=str(args.threads),
+                           APPLIANCE_PARALLEL=str(max(args.clients)),
+                           APPLIANCE_CTX_PER_SEQ=str(args.ctx_per_seq),
+                           APPLIANCE_KV_CELLS=str(args.ctx_per_seq * max(args.clients)))
         try:
-            rows["appliance"] = measure("appliance", f"http://127.0.0.1:{port}", model, args, eos)
+            rows["appliance"] = measure("appliance", base, model, args, eos)
         finally:
             stop(ours)
 

@@ -17,6 +17,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -149,10 +150,41 @@ def eos_token(gguf: Path) -> int:
 
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths, strict=False)))
-             for r in rows]
+    lines = ["  ".join(c.rjust(w) if j else c.ljust(w)
+                       for j, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+PROJECT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def install_bundle(recipe: Path, root: Path, work: Path) -> Any:
+    """Build (cached) + sign + import a bundle into a throwaway root; return the Installed."""
+    ctl, build = str(VENV_BIN / "appliance-ctl"), str(VENV_BIN / "appliance-build")
+    env = {**os.environ, "APPLIANCE_ROOT": str(root)}
+
+    def run(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True, env=env)
+
+    run(build, "keygen", "--out", str(work / "k"))
+    run(build, "bundle", str(recipe), "--key", str(work / "k.key"), "--out", str(work / "out"),
+        "--cache", str(PROJECT / ".cache" / "bundle"))
+    run(ctl, "keys", "add", str(work / "k.pub"))
+    run(ctl, "bundle", "import", str(next((work / "out").glob("*.bundle"))))
+    sys.path.insert(0, str(PROJECT))
+    from appliance.store import Layout, Store
+    return Store(Layout(root)).active_bundles()[0]
+
+
+def serve(root: Path, log: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `appliance-ctl serve` on a free loopback port without auth."""
+    port = free_port()
+    proc = start([str(VENV_BIN / "appliance-ctl"), "serve"], f"http://127.0.0.1:{port}/healthz",
+                 env={"APPLIANCE_ROOT": str(root), "APPLIANCE_AUTH": "false",
+                      "APPLIANCE_PORT": str(port), **env}, log=log)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def machine() -> str:

@@ -232,6 +232,18 @@ def test_unknown_model(client: openai.OpenAI) -> None:
     assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
 
 
+def test_status_shows_the_runtime(server: Server) -> None:
+    from conftest import run_tool
+    out = run_tool("ctl", server.root, "status", "--json")
+    rt = json.loads(out.stdout)["runtime"]
+    assert rt["health"]["status"] == "ok"
+    chat = rt["models"][MODEL]
+    assert (chat["task"], chat["backend"], chat["quantization"]) == ("chat", "cpu", "Q4_1")
+    assert chat["loaded"] and "no cuda device" in chat["reason"]
+    text = run_tool("ctl", server.root, "status").stdout
+    assert "health ok" in text and "why: CPU" in text
+
+
 def test_auth(server: Server) -> None:
     for key in ("wrong", ""):
         bad = openai.OpenAI(base_url=f"{server.base}/v1", api_key=key or "x", max_retries=0)

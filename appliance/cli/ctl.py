@@ -157,7 +157,28 @@ def status_report(layout: Layout) -> dict[str, Any]:
             ]
         bundles.append(entry)
     return {"root": str(layout.root), "bundles": bundles,
-            "trust": {"keys": list(layout.trust.keys()), "threshold": layout.trust.threshold()}}
+            "trust": {"keys": list(layout.trust.keys()), "threshold": layout.trust.threshold()},
+            "runtime": _runtime_report(layout)}
+
+
+def _runtime_report(layout: Layout) -> dict[str, Any] | None:
+    """What the running server chose (runtime.json) and whether it answers /healthz."""
+    import urllib.error
+    import urllib.request
+    path = layout.state / "runtime.json"
+    if not path.exists():
+        return None
+    report: dict[str, Any] = json.loads(path.read_text())
+    host, _, port = report["listen"].rpartition(":")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=2) as r:
+            report["health"] = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        report["health"] = json.loads(exc.read() or b"{}") or {"status": f"HTTP {exc.code}"}
+    except (OSError, ValueError):
+        report["health"] = {"status": "not answering (stopped, or still starting)"}
+    return report
 
 
 def _status(args: argparse.Namespace, layout: Layout) -> int:
@@ -177,6 +198,19 @@ def _status(args: argparse.Namespace, layout: Layout) -> int:
     print(f"trust: {len(keys)} key(s), threshold {report['trust']['threshold']}")
     for kid in keys:
         print(f"  {kid}")
+    rt = report["runtime"]
+    if rt is None:
+        print("runtime: not running")
+        return 0
+    engines = rt["health"].get("engines", {})
+    print(f"runtime: {rt['version']} on {rt['listen']}, health {rt['health'].get('status')}; "
+          f"cores {rt['lanes']['cores']} ({rt['lanes']['aux_lanes']} lent to "
+          f"embeddings/transcription while they run)")
+    for model_id, m in rt["models"].items():
+        state = engines.get(model_id, "loaded" if m["loaded"] else f"not loaded: {m['error']}")
+        print(f"  {model_id:28} {m['task']:14} {m['backend']}/{m['format']}/{m['quantization']}"
+              f" {m['memory_mb']} MiB  {state}")
+        print(f"  {'':28} why: {m['reason']}")
     return 0
 
 
