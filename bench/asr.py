@@ -42,7 +42,7 @@ def bare(folder: Path, wav: Path, runs: int) -> tuple[float, float]:
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        segments, info = model.transcribe(str(wav), language="en", beam_size=5, vad_filter=False)
+        segments, _ = model.transcribe(str(wav), language="en", beam_size=5, vad_filter=False)
         list(segments)
         times.append(time.perf_counter() - start)
     return min(times), len(audio) / 16000

@@ -18,8 +18,9 @@ import numpy as np
 from loadgen import PROJECT, install_bundle, machine, serve, stop, table
 
 MODEL = "all-minilm-l6-v2"
-WORDS = ("offline appliance model bundle signature device network answer quickly private data "
-         "battery sensor field report weather river mountain engine update secure").split()
+WORDS = ["offline", "appliance", "model", "bundle", "signature", "device", "network", "answer",
+         "quickly", "private", "data", "battery", "sensor", "field", "report", "weather", "river",
+         "mountain", "engine", "update", "secure"]
 
 
 def sentences(n: int) -> list[str]:
@@ -65,7 +66,7 @@ def main() -> None:
     rows = [["engine", "batch", "sentences/s", "vs torch"]]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        inst = install_bundle(PROJECT / "bundles" / "demo.toml", work / "root", work)
+        install_bundle(PROJECT / "bundles" / "demo.toml", work / "root", work)
         sys.path.insert(0, str(PROJECT))
         from appliance import recipe
         from appliance.fetch import Resolver
