@@ -132,8 +132,19 @@ async def _events(stream: Stream, request: Request) -> AsyncIterator[TokenEvent 
         stream.cancel()  # no-op when finished; frees the sequence when we stop early
 
 
-def _fail(finish: Finish) -> ApiError:
-    return ApiError(500, finish.error or "generation failed", "server_error")
+async def _collect(stream: Stream, request: Request) -> tuple[str, list[TokenEvent],
+                                                             Finish | None]:
+    """The whole answer of a non-streamed request; Finish is None if the client left."""
+    text = ""
+    events: list[TokenEvent] = []
+    async for ev in _events(stream, request):
+        text += ev.text
+        if isinstance(ev, Finish):
+            if ev.reason == "error":
+                raise ApiError(500, ev.error or "generation failed", "server_error")
+            return text, events, ev
+        events.append(ev)
+    return text, events, None
 
 
 def _usage(f: Finish) -> dict[str, int]:
@@ -230,19 +241,10 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
             _chat_stream(model, req, stream, request, ident, include_usage, tools_possible,
                          forced_tool),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    text, logprobs, finish = "", [], None
-    async for ev in _events(stream, request):
-        if isinstance(ev, Finish):
-            finish = ev
-            text += ev.text
-        else:
-            text += ev.text
-            if req.logprobs:
-                logprobs.append(_logprob_entry(model, ev))
+    text, events, finish = await _collect(stream, request)
     if finish is None:
         return Response(status_code=499)
-    if finish.reason == "error":
-        raise _fail(finish)
+    logprobs = [_logprob_entry(model, ev) for ev in events] if req.logprobs else []
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     reason = finish.reason
     call = grammar.parse_tool_call(text, req.tools) if tools_possible and req.tools else None
@@ -350,18 +352,10 @@ async def completions(req: CompletionRequest, request: Request) -> Response | di
             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for i, (prompt, stream) in enumerate(zip(req.prompts, streams, strict=True)):
-        text, events, finish = prompt if req.echo else "", [], None
-        async for ev in _events(stream, request):
-            if isinstance(ev, Finish):
-                finish = ev
-                text += ev.text
-            else:
-                text += ev.text
-                events.append(ev)
+        text, events, finish = await _collect(stream, request)
         if finish is None:
             return Response(status_code=499)
-        if finish.reason == "error":
-            raise _fail(finish)
+        text = (prompt if req.echo else "") + text
         for key, value in _usage(finish).items():
             usage[key] += value
         choices.append({"index": i, "text": text, "finish_reason": finish.reason,
