@@ -19,7 +19,7 @@ APT_PACKAGES := espeak-ng sox
 STATE := $(CACHE)/run
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv llama-wheel apt test test-fast run demo-bundle lint clean bench-chat-python bench-embed bench-asr
+.PHONY: help venv llama-wheel llama-tools bench-chat apt test test-fast run demo-bundle lint clean bench-chat-python bench-embed bench-asr
 
 help:
 	@echo "make run    build + sign the demo bundle, import it into $(STATE), serve it on :8080"
@@ -40,6 +40,22 @@ llama-wheel:
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PYTHON) -m pip wheel --no-deps --no-binary llama-cpp-python \
 	    -w $(LLAMA_WHEEL_DIR).tmp llama-cpp-python==$(LLAMA_VERSION) && \
 	  rm -rf $(LLAMA_WHEEL_DIR) && mv $(LLAMA_WHEEL_DIR).tmp $(LLAMA_WHEEL_DIR); \
+	fi
+
+# llama.cpp's own server and batched bench, built from the source tree that the
+# llama-cpp-python sdist vendors (no other download), with the same flags as the wheel.
+LLAMA_TOOLS_DIR := $(WHEEL_CACHE)/llama-tools-$(LLAMA_VERSION)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+llama-tools:
+	@if [ ! -x $(LLAMA_TOOLS_DIR)/bin/llama-server ] || [ ! -x $(LLAMA_TOOLS_DIR)/bin/llama-batched-bench ]; then \
+	  echo "building llama-server and llama-batched-bench $(LLAMA_VERSION) (a few minutes, once)"; \
+	  tmp=$$(mktemp -d) && \
+	  $(PYTHON) -m pip download -q --no-deps --no-binary :all: -d $$tmp llama-cpp-python==$(LLAMA_VERSION) && \
+	  tar xzf $$tmp/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C $$tmp && \
+	  cmake -S $$tmp/llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp -B $$tmp/build -DCMAKE_BUILD_TYPE=Release \
+	    $(LLAMA_CMAKE_ARGS) -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=OFF >/dev/null && \
+	  cmake --build $$tmp/build -j$$(nproc) --target llama-server llama-batched-bench >/dev/null && \
+	  mkdir -p $(LLAMA_TOOLS_DIR)/bin && cp $$tmp/build/bin/llama-server $$tmp/build/bin/llama-batched-bench $(LLAMA_TOOLS_DIR)/bin/ && \
+	  rm -rf $$tmp; \
 	fi
 
 # The venv is rebuilt only when pyproject.toml or the llama wheel changed (stamp holds their hash).
@@ -78,6 +94,10 @@ run: demo-bundle
 	APPLIANCE_AUTH=false exec $(VENV)/bin/appliance-ctl serve
 
 # Benchmarks print a table with the peer measured in the same run; run them on a quiet machine.
+bench-chat: venv llama-tools
+	$(PY) bench/chat.py --peers llama-server --clients 1 4 8 16 --max-tokens 128 512 \
+	  --llama-tools $(LLAMA_TOOLS_DIR)/bin
+
 bench-chat-python: venv
 	$(PY) bench/chat.py
 

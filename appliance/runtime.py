@@ -115,11 +115,12 @@ class Runtime:
         s, choice = self.settings, loaded.choice
         path = inst.file(choice.variant.path)
         # each sequence gets its share of the KV budget, up to the model's own context length
-        ctx = min(s.ctx_per_seq, s.kv_cells // s.parallel,
+        ctx = min(s.ctx_per_seq, s.kv_cells // (s.parallel + s.prefix_slots),
                   loaded.model.defaults.context_length or s.ctx_per_seq)
         config = EngineConfig(
             n_gpu_layers=_gpu_layers(str(path), choice.offload), threads=choice.threads,
-            parallel=s.parallel, ctx_per_seq=ctx, batch=s.batch, max_queue=s.max_queue)
+            parallel=s.parallel, ctx_per_seq=ctx, batch=s.batch, max_queue=s.max_queue,
+            prefix_slots=s.prefix_slots)
         engine = ChatEngine(path, config, self.lanes)
         loaded.engine = engine
         loaded.template = loaded.model.defaults.chat_template or engine.chat_template()

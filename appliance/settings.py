@@ -10,10 +10,11 @@
     max_queue = 64              # waiting requests per engine before 503
     [chat]
     parallel = 8                # sequences decoded together
-    kv_cells = 16384            # KV cache cells in all; each sequence gets kv_cells / parallel
+    kv_cells = 20480            # KV cells in all; a sequence gets kv_cells / (parallel + prefix_slots)
     ctx_per_seq = 2048          # ... but at most this many (and the model's own context)
     threads = 0                 # 0: one per physical core
     batch = 512
+    prefix_slots = 2            # recent prompts kept for reuse (shared system prompts)
     [hardware]
     prefer = "auto"             # or "cpu"
     memory_fraction = 0.9
@@ -53,10 +54,11 @@ class Settings:
     max_body_mb: int = 25
     max_queue: int = 64
     parallel: int = 8
-    kv_cells: int = 16384
+    kv_cells: int = 20480
     ctx_per_seq: int = 2048
     threads: int = 0
     batch: int = 512
+    prefix_slots: int = 2
     prefer: str = "auto"
     memory_fraction: float = 0.9
     aux_cores: int = 1
@@ -124,6 +126,8 @@ def load(layout: Layout, env: dict[str, str] | None = None) -> Settings:
                                      default=s.threads) or 0,
                 batch=chat.integer("batch", required=False, lo=16, hi=8192,
                                    default=s.batch) or s.batch,
+                prefix_slots=chat.integer("prefix_slots", required=False, lo=0, hi=64,
+                                          default=s.prefix_slots) or 0,
             )
             chat.done()
         if hw is not None:
@@ -184,6 +188,7 @@ def _env(s: Settings, env: dict[str, str]) -> Settings:
         threads=num("APPLIANCE_THREADS", s.threads),
         max_queue=num("APPLIANCE_MAX_QUEUE", s.max_queue),
         aux_cores=num("APPLIANCE_AUX_CORES", s.aux_cores),
+        prefix_slots=num("APPLIANCE_PREFIX_SLOTS", s.prefix_slots),
         max_audio_seconds=num("APPLIANCE_MAX_AUDIO_SECONDS", s.max_audio_seconds),
         prefer=env.get("APPLIANCE_PREFER", s.prefer),
     )

@@ -1,22 +1,30 @@
-"""Chat throughput: our server against llama-cpp-python's own server, same model, same load.
+"""Chat throughput under concurrent load: our server against peers, same model, same machine,
+same run, same load.
 
-    make bench-chat-python        (or: .venv/bin/python bench/chat.py --bundle bundles/bench.toml)
+    make bench-chat           # vs llama.cpp's llama-server, 1/4/8/16 clients, 128 and 512 tokens
+    make bench-chat-python    # vs llama-cpp-python's server, 1/4/8 clients, 128 tokens
 
-Builds the bundle (cached), imports it into a throwaway state root, then for each server: start
-it, drive 1, 4 and 8 concurrent streaming clients with mixed prompts and fixed-length answers
-(temperature 0, end of sequence forbidden), stop it. Prints one table.
+Each server is started alone, driven by streaming clients with mixed prompts and fixed-length
+answers (temperature 0, end of sequence forbidden, so every server writes the same number of
+tokens), and stopped. The same threads and the same context per sequence are given to each.
+llama-batched-bench measures the engine's own ceiling (decode only, no sampling, no HTTP) at the
+same batch sizes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from loadgen import (
     PROJECT,
+    Result,
     eos_token,
     free_port,
     install_bundle,
@@ -29,6 +37,8 @@ from loadgen import (
     table,
 )
 
+PEERS = ("llama-server", "llama-cpp-python")
+
 
 def install(recipe: Path, root: Path, work: Path) -> tuple[str, Path]:
     """Build + import the bundle; return (model id, path of its GGUF in the store)."""
@@ -39,67 +49,103 @@ def install(recipe: Path, root: Path, work: Path) -> tuple[str, Path]:
 
 
 def measure(name: str, base: str, model: str, args: argparse.Namespace,
-            eos: int) -> dict[int, object]:
+            eos: int) -> dict[tuple[int, int], Result]:
     results = {}
-    for clients in args.clients:
-        each = args.rounds if clients > 1 else args.rounds + 1
-        r = asyncio.run(run_load(base, model, clients, each, args.max_tokens, eos))
-        print(f"  {name:24} {clients:2} clients: {r.tok_s:6.1f} tok/s, "
-              f"TTFT p50 {pct(r.ttft, .5):.2f}s, errors {r.errors}", file=sys.stderr, flush=True)
-        results[clients] = r
+    for max_tokens in args.max_tokens:
+        for clients in args.clients:
+            rounds = args.rounds + (1 if clients == 1 else 0)
+            r = asyncio.run(run_load(base, model, clients, rounds, max_tokens, eos))
+            print(f"  {name:18} {max_tokens:4} tokens {clients:2} clients: {r.tok_s:6.1f} tok/s,"
+                  f" TTFT p50 {pct(r.ttft, .5):.2f}s, errors {r.errors}", file=sys.stderr,
+                  flush=True)
+            results[(max_tokens, clients)] = r
     return results
+
+
+def peer_command(peer: str, gguf: Path, model: str, port: int, args: argparse.Namespace) -> list[str]:
+    slots = max(args.clients)
+    if peer == "llama-server":
+        return [str(args.llama_tools / "llama-server"), "-m", str(gguf), "-a", model,
+                "-t", str(args.threads), "-tb", str(args.threads),
+                "-c", str(args.ctx_per_seq * slots), "-np", str(slots), "--cont-batching",
+                "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", model,
+            "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+            "--n_ctx", str(args.ctx_per_seq), "--port", str(port), "--verbose", "false",
+            # it aborts a running request when another arrives unless told not to
+            "--interrupt_requests", "false"]
+
+
+def ceiling(gguf: Path, args: argparse.Namespace) -> dict[int, float]:
+    """llama-batched-bench: decode tokens/s at each batch size (no sampling, no HTTP)."""
+    tool = args.llama_tools / "llama-batched-bench" if args.llama_tools else None
+    if tool is None or not tool.exists():
+        return {}
+    npl = ",".join(str(c) for c in args.clients)
+    out = subprocess.run([str(tool), "-m", str(gguf), "-c", str(128 * 1024), "-b", "512",
+                          "-ub", "512", "-npp", "64", "-ntg", "128", "-npl", npl,
+                          "-t", str(args.threads)], capture_output=True, text=True, check=True)
+    rates = {}
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 8 and re.fullmatch(r"\d+", cells[2] or ""):
+            rates[int(cells[2])] = float(cells[7])  # B, S_TG t/s
+    return rates
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--bundle", type=Path, default=PROJECT / "bundles" / "bench.toml")
+    p.add_argument("--peers", nargs="+", choices=PEERS, default=["llama-cpp-python"])
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, nargs="+", default=[128])
     p.add_argument("--rounds", type=int, default=1, help="requests per client")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--ctx-per-seq", type=int, default=2048)
+    p.add_argument("--llama-tools", type=Path, help="folder with llama-server, llama-batched-bench")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, gguf = install(args.bundle, work / "root", work)
         eos = eos_token(gguf)
-        rows: dict[str, dict[int, object]] = {}
-
+        rows: dict[str, dict[tuple[int, int], Result]] = {}
         ours, base = serve(work / "root", work / "ours.log", APPLIANCE_THREADS=str(args.threads),
                            APPLIANCE_PARALLEL=str(max(args.clients)),
                            APPLIANCE_CTX_PER_SEQ=str(args.ctx_per_seq),
-                           APPLIANCE_KV_CELLS=str(args.ctx_per_seq * max(args.clients)))
+                           APPLIANCE_KV_CELLS=str(args.ctx_per_seq * (max(args.clients) + 2)))
         try:
             rows["appliance"] = measure("appliance", base, model, args, eos)
         finally:
             stop(ours)
+        for peer in args.peers:
+            port = free_port()
+            ready = f"http://127.0.0.1:{port}" + ("/health" if peer == "llama-server"
+                                                  else "/v1/models")
+            proc = start(peer_command(peer, gguf, model, port, args), ready,
+                         log=work / f"{peer}.log")
+            try:
+                rows[peer] = measure(peer, f"http://127.0.0.1:{port}", model, args, eos)
+            finally:
+                stop(proc)
+        top = ceiling(gguf, args)
 
-        port = free_port()
-        peer = start([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
-                      "--model_alias", model, "--n_threads", str(args.threads),
-                      "--n_threads_batch", str(args.threads), "--n_ctx", str(args.ctx_per_seq),
-                      "--port", str(port), "--verbose", "false",
-                      # it aborts a running request when another arrives unless told not to
-                      "--interrupt_requests", "false"],
-                     f"http://127.0.0.1:{port}/v1/models", log=work / "peer.log")
-        try:
-            rows["llama-cpp-python server"] = measure("llama-cpp-python server",
-                                                      f"http://127.0.0.1:{port}", model, args, eos)
-        finally:
-            stop(peer)
-
-    header = ["server", "clients", "tok/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "vs peer"]
-    out = [header]
-    for name, by_clients in rows.items():
-        for clients, r in by_clients.items():
-            peer_r = rows["llama-cpp-python server"][clients]
-            out.append([name, str(clients), f"{r.tok_s:.1f}",  # type: ignore[attr-defined]
-                        f"{pct(r.ttft, .5):.2f}s", f"{pct(r.ttft, .95):.2f}s",  # type: ignore[attr-defined]
-                        f"{pct(r.itl, .5) * 1000:.0f}ms", f"{pct(r.itl, .95) * 1000:.0f}ms",  # type: ignore[attr-defined]
-                        f"{r.tok_s / peer_r.tok_s:.2f}x"])  # type: ignore[attr-defined]
-    print(f"\nmodel {model} ({gguf.name}), {args.max_tokens} tokens per answer, "
-          f"{args.threads} threads; {machine()}")
-    print(table(out))
+    print(f"\nmodel {model} ({gguf.name}); {args.threads} threads, {args.ctx_per_seq} context "
+          f"per sequence, temperature 0, mixed prompts; {machine()}")
+    for peer in args.peers:
+        header = ["tokens", "clients", "ours tok/s", f"{peer} tok/s", "ratio", "ceiling",
+                  "TTFT p50 ours/peer", "TTFT p95 ours/peer", "ITL p50 ours/peer",
+                  "ITL p95 ours/peer"]
+        out = [header]
+        for key, r in rows["appliance"].items():
+            q = rows[peer][key]
+            cap = top.get(key[1])
+            out.append([str(key[0]), str(key[1]), f"{r.tok_s:.1f}", f"{q.tok_s:.1f}",
+                        f"{r.tok_s / q.tok_s:.2f}x", f"{cap:.0f}" if cap else "-",
+                        f"{pct(r.ttft, .5):.2f}/{pct(q.ttft, .5):.2f}s",
+                        f"{pct(r.ttft, .95):.2f}/{pct(q.ttft, .95):.2f}s",
+                        f"{pct(r.itl, .5) * 1000:.0f}/{pct(q.itl, .5) * 1000:.0f}ms",
+                        f"{pct(r.itl, .95) * 1000:.0f}/{pct(q.itl, .95) * 1000:.0f}ms"])
+        print(table(out))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ CONFIG = """
 max_body_mb = 1
 [chat]
 parallel = 4
-kv_cells = 4096
+kv_cells = 6144
 ctx_per_seq = 1024
 """
 # SmolLM2-135M answers well with a system prompt of its own (its template's default one leads
@@ -323,3 +323,30 @@ def test_saturated_queue_answers_503(tmp_path: Path, demo_bundles: tuple[Path, P
         assert all(ra == "1" for c, ra in results if c == 503)
     finally:
         srv.stop()
+
+
+def test_survives_a_disconnect_storm(server: Server, client: openai.OpenAI) -> None:
+    """Many streaming clients that vanish after their first chunk: every sequence is freed
+    and the engine keeps serving."""
+    def hang_up(i: int) -> None:
+        with httpx.stream("POST", f"{server.base}/v1/chat/completions", timeout=60,
+                          headers=_headers(server),
+                          json={"model": MODEL, "messages": ASK, "max_tokens": 500,
+                                "temperature": 1.0, "seed": i, "stream": True}) as r:
+            next(r.iter_lines())
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        list(pool.map(hang_up, range(24)))
+    deadline = time.monotonic() + 20
+    metrics = ""
+    while time.monotonic() < deadline:
+        metrics = httpx.get(f"{server.base}/metrics", headers=_headers(server)).text
+        if (f'appliance_chat_active{{model="{MODEL}"}} 0' in metrics
+                and f'appliance_chat_queued{{model="{MODEL}"}} 0' in metrics):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(metrics)
+    r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, max_tokens=8)
+    assert r.choices[0].message.content
+    assert httpx.get(f"{server.base}/healthz").status_code == 200

@@ -105,3 +105,40 @@ def test_model_without_a_chat_template_cannot_chat(engine: ChatEngine) -> None:
         _prompt_tokens(base, req)
     assert info.value.status == 400 and info.value.code == "no_chat_template"
     assert "base-model" in info.value.message
+
+
+def _answer(engine: ChatEngine, prompt: list[int], n: int = 12) -> str:
+    s = Stream()
+    engine.submit(GenerationRequest(prompt, n, Sampling(temperature=0)), s)
+    return collect(s)[0]
+
+
+def test_prefix_cache_reuses_a_shared_system_prompt(smollm_gguf: Path) -> None:
+    """Restored prompts skip their shared prefix. The answers are the model's, but not always
+    bit-identical to a cold start: llama.cpp's CPU kernels round differently for other batch
+    shapes (llama-server's prompt cache has the same caveat), so this checks reuse and
+    repeatability, and the batching test checks equality with unbatched decoding."""
+    system = "You are the assistant of an offline appliance. " * 12
+    questions = ["What is the capital of France?", "Name three fruits.", "What is a bundle?"]
+    warm = ChatEngine(smollm_gguf, EngineConfig(parallel=2, ctx_per_seq=512, prefix_slots=2))
+    try:
+        prompts = [warm.tokenize(f"{system}\nQ: {q}\nA:", True, False) for q in questions]
+        first = [_answer(warm, p) for p in prompts]
+        shared = len(warm.tokenize(system, True, False))
+        assert warm.stats["prefix_hits"] == 2
+        assert warm.stats["prefix_tokens"] >= 2 * (shared - 2)
+        assert _answer(warm, prompts[2]) == _answer(warm, prompts[2]) == first[2]
+        assert warm.stats["prefix_hits"] == 4
+    finally:
+        warm.close()
+
+
+def test_short_prompts_are_not_cached(smollm_gguf: Path) -> None:
+    eng = ChatEngine(smollm_gguf, EngineConfig(parallel=1, ctx_per_seq=256, prefix_slots=2))
+    try:
+        prompt = eng.tokenize("Hello there", True, False)
+        _answer(eng, prompt)
+        _answer(eng, prompt)
+        assert eng.stats["prefix_hits"] == 0
+    finally:
+        eng.close()

@@ -17,6 +17,12 @@ With separate streams llama.cpp puts sequences into one micro-batch only while t
 one in batch order (llama_batch_allocr::split_equal, `sequential`); otherwise every sequence is
 decoded on its own and batching gains nothing (measured: 92 instead of 188 tok/s at 8 streams).
 So a new request takes the lowest free id and the batch is laid out in id order.
+
+Prefix cache: after a long prompt is decoded, its KV stream is copied into one of a few spare
+streams; a later request that starts with the same tokens (a shared system prompt, the earlier
+turns of a conversation) copies that stream back and decodes only the rest. Like llama-server's
+prompt cache, a restored prefix can round differently from a cold prefill (the kernels sum in
+another order for other batch shapes), so answers after a hit may differ in late tokens.
 """
 
 from __future__ import annotations
@@ -71,8 +77,10 @@ class EngineConfig:
 
     n_gpu_layers: int = 0
     threads: int = 0
-    parallel: int = 8  # sequences decoded together (llama context n_seq_max)
+    parallel: int = 8  # sequences decoded together
     ctx_per_seq: int = 1024  # KV cells of each sequence: its prompt + answer limit
+    prefix_slots: int = 4  # KV streams that keep recent prompts for reuse (0: no prefix cache)
+    min_prefix: int = 64  # shortest shared prefix worth restoring
     batch: int = 512  # most tokens per llama_decode call
     max_queue: int = 64
 
@@ -201,10 +209,10 @@ class ChatEngine:
         self.lanes = lanes or CoreLanes(threads)
         self._threads = threads
         cparams = ll.llama_context_default_params()
-        cparams.n_ctx = config.ctx_per_seq * config.parallel
+        cparams.n_ctx = config.ctx_per_seq * (config.parallel + config.prefix_slots)
         cparams.n_batch = config.batch
         cparams.n_ubatch = config.batch
-        cparams.n_seq_max = config.parallel
+        cparams.n_seq_max = config.parallel + config.prefix_slots
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.kv_unified = False  # see the module docstring
@@ -219,10 +227,15 @@ class ChatEngine:
         self._waiting: deque[tuple[GenerationRequest, Stream]] = deque()
         self._active: list[_Seq] = []
         self._free_ids = list(range(config.parallel))
+        # cached prompts live in the streams above the generating ones (which must stay the
+        # low, consecutive ids): slot id -> [tokens, last use]
+        self._prefixes: dict[int, tuple[list[int], float]] = {
+            config.parallel + i: ([], 0.0) for i in range(config.prefix_slots)}
         self._stop = False
         self.heartbeat = time.monotonic()
         self.busy_since: float | None = None
-        self.stats = {"requests": 0, "tokens": 0, "prompt_tokens": 0}
+        self.stats = {"requests": 0, "tokens": 0, "prompt_tokens": 0, "prefix_hits": 0,
+                      "prefix_tokens": 0}
         self._thread = threading.Thread(target=self._run, name=f"chat-{model_path.stem}",
                                         daemon=True)
         self._thread.start()
@@ -383,10 +396,47 @@ class ChatEngine:
                 stream.push(Finish("error", len(req.prompt), 0, error=exc.message))
                 continue
             # the lowest free id: llama.cpp batches sequences whose ids are consecutive
-            self._active.append(_Seq(req, stream, self._free_ids.pop(0), sampler,
-                                     TextAssembler(req.stop)))
+            seq = _Seq(req, stream, self._free_ids.pop(0), sampler, TextAssembler(req.stop))
+            self._restore_prefix(seq)
+            self._active.append(seq)
             self._active.sort(key=lambda s: s.seq_id)
             self.stats["requests"] += 1
+
+    def _restore_prefix(self, seq: _Seq) -> None:
+        """Start `seq` from the cached prompt that shares the longest prefix with its own.
+
+        Streams are separate, so the cached stream is copied whole and then cut to the shared
+        length; at least one prompt token is left to decode, for the logits."""
+        prompt = seq.req.prompt
+        best, slot = 0, -1
+        for slot_id, (tokens, _) in self._prefixes.items():
+            n = _common_prefix(tokens, prompt)
+            if n > best:
+                best, slot = n, slot_id
+        keep = min(best, len(prompt) - 1)
+        if keep < self.config.min_prefix:
+            return
+        ll = self._ll
+        ll.llama_memory_seq_cp(self._mem, slot, seq.seq_id, -1, -1)
+        if not ll.llama_memory_seq_rm(self._mem, seq.seq_id, keep, -1):
+            ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)  # cannot cut: start afresh
+            return
+        seq.done_prompt = keep
+        self._prefixes[slot] = (self._prefixes[slot][0], time.monotonic())
+        self.stats["prefix_hits"] += 1
+        self.stats["prefix_tokens"] += keep
+
+    def _save_prefix(self, seq: _Seq) -> None:
+        """Keep a copy of a just-decoded prompt in the least recently used slot."""
+        prompt = seq.req.prompt
+        if not self._prefixes or len(prompt) < self.config.min_prefix:
+            return
+        for tokens, _ in self._prefixes.values():
+            if len(tokens) >= len(prompt) and tokens[:len(prompt)] == prompt:
+                return  # already covered
+        slot = min(self._prefixes, key=lambda k: self._prefixes[k][1])
+        self._ll.llama_memory_seq_cp(self._mem, seq.seq_id, slot, -1, -1)
+        self._prefixes[slot] = (list(prompt), time.monotonic())
 
     def _release(self, seq: _Seq) -> None:
         self._ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
@@ -438,6 +488,7 @@ class ChatEngine:
         ll, batch = self._ll, self._batch
         n = 0
         outputs: list[tuple[_Seq, int]] = []
+        prefilled: list[_Seq] = []
 
         def add(token: int, pos: int, seq_id: int, logits: bool) -> None:
             nonlocal n
@@ -465,6 +516,7 @@ class ChatEngine:
             room -= take
             if seq.done_prompt == len(seq.req.prompt):
                 outputs.append((seq, n - 1))
+                prefilled.append(seq)
         batch.n_tokens = n
         self.busy_since = time.monotonic()
         rc = ll.llama_decode(self._ctx, batch)
@@ -475,6 +527,8 @@ class ChatEngine:
             for seq in in_batch.values():
                 self._finish(seq, "error", f"llama_decode failed with code {rc}")
             return
+        for seq in prefilled:
+            self._save_prefix(seq)  # before sampling: a sequence may finish at once
         for seq, idx in outputs:
             self._sample(seq, idx)
 
@@ -516,3 +570,11 @@ def _logprobs(logits_ptr: Any, n_vocab: int, token: int,
     best = np.argpartition(-logits, top_n)[:top_n]
     best = best[np.argsort(-logits[best])]
     return chosen, [(int(t), float(logits[t] - lse)) for t in best]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
