@@ -10,7 +10,7 @@
     max_queue = 64              # waiting requests per engine before 503
     [chat]
     parallel = 8                # sequences decoded together
-    kv_cells = 20480            # KV cells in all; a sequence gets kv_cells / (parallel + prefix_slots)
+    kv_cells = 20480            # KV cells in all, split over parallel + prefix_slots streams
     ctx_per_seq = 2048          # ... but at most this many (and the model's own context)
     threads = 0                 # 0: one per physical core
     batch = 512

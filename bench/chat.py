@@ -62,7 +62,8 @@ def measure(name: str, base: str, model: str, args: argparse.Namespace,
     return results
 
 
-def peer_command(peer: str, gguf: Path, model: str, port: int, args: argparse.Namespace) -> list[str]:
+def peer_command(peer: str, gguf: Path, model: str, port: int,
+                 args: argparse.Namespace) -> list[str]:
     slots = max(args.clients)
     if peer == "llama-server":
         return [str(args.llama_tools / "llama-server"), "-m", str(gguf), "-a", model,
