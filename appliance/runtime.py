@@ -120,7 +120,7 @@ class Runtime:
         config = EngineConfig(
             n_gpu_layers=_gpu_layers(str(path), choice.offload), threads=choice.threads,
             parallel=s.parallel, ctx_per_seq=ctx, batch=s.batch, max_queue=s.max_queue,
-            prefix_slots=s.prefix_slots)
+            prefix_slots=s.prefix_slots, lookup_draft=s.lookup_draft)
         engine = ChatEngine(path, config, self.lanes)
         loaded.engine = engine
         loaded.template = loaded.model.defaults.chat_template or engine.chat_template()

@@ -15,6 +15,7 @@
     threads = 0                 # 0: one per physical core
     batch = 512
     prefix_slots = 2            # recent prompts kept for reuse (shared system prompts)
+    lookup_draft = 0            # prompt-lookup speculation for greedy requests: draft tokens
     [hardware]
     prefer = "auto"             # or "cpu"
     memory_fraction = 0.9
@@ -59,6 +60,7 @@ class Settings:
     threads: int = 0
     batch: int = 512
     prefix_slots: int = 2
+    lookup_draft: int = 0
     prefer: str = "auto"
     memory_fraction: float = 0.9
     aux_cores: int = 1
@@ -128,6 +130,8 @@ def load(layout: Layout, env: dict[str, str] | None = None) -> Settings:
                                    default=s.batch) or s.batch,
                 prefix_slots=chat.integer("prefix_slots", required=False, lo=0, hi=64,
                                           default=s.prefix_slots) or 0,
+                lookup_draft=chat.integer("lookup_draft", required=False, lo=0, hi=16,
+                                          default=s.lookup_draft) or 0,
             )
             chat.done()
         if hw is not None:
@@ -189,6 +193,7 @@ def _env(s: Settings, env: dict[str, str]) -> Settings:
         max_queue=num("APPLIANCE_MAX_QUEUE", s.max_queue),
         aux_cores=num("APPLIANCE_AUX_CORES", s.aux_cores),
         prefix_slots=num("APPLIANCE_PREFIX_SLOTS", s.prefix_slots),
+        lookup_draft=num("APPLIANCE_LOOKUP_DRAFT", s.lookup_draft),
         max_audio_seconds=num("APPLIANCE_MAX_AUDIO_SECONDS", s.max_audio_seconds),
         prefer=env.get("APPLIANCE_PREFER", s.prefer),
     )

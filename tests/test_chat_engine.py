@@ -142,3 +142,20 @@ def test_short_prompts_are_not_cached(smollm_gguf: Path) -> None:
         assert eng.stats["prefix_hits"] == 0
     finally:
         eng.close()
+
+
+def test_prompt_lookup_speculation(smollm_gguf: Path) -> None:
+    text = ("The appliance verifies every bundle before installing it. Each file is hashed "
+            "while it is copied, and the manifest is signed. ")
+    outputs, accepted = [], []
+    for draft in (0, 6):
+        eng = ChatEngine(smollm_gguf, EngineConfig(parallel=2, ctx_per_seq=512, prefix_slots=0,
+                                                   lookup_draft=draft))
+        try:
+            prompt = eng.tokenize(f"Text: {text * 3}\nThe same text again: {text}", True, False)
+            outputs.append(_answer(eng, prompt, 60))
+            accepted.append(eng.stats["draft_accepted"])
+        finally:
+            eng.close()
+    assert accepted[0] == 0 and accepted[1] > 10
+    assert outputs[0] == outputs[1]

@@ -23,6 +23,11 @@ streams; a later request that starts with the same tokens (a shared system promp
 turns of a conversation) copies that stream back and decodes only the rest. Like llama-server's
 prompt cache, a restored prefix can round differently from a cold prefill (the kernels sum in
 another order for other batch shapes), so answers after a hit may differ in late tokens.
+
+Prompt-lookup speculation (opt-in, `lookup_draft`): for greedy requests, when the last three
+tokens occurred earlier in the prompt or answer, the tokens that followed them are decoded as a
+draft in the same step and kept as far as the model agrees. It pays where answers quote their
+input. Off by default: verifying several rows of one sequence rounds like any other batch shape.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class EngineConfig:
     ctx_per_seq: int = 1024  # KV cells of each sequence: its prompt + answer limit
     prefix_slots: int = 4  # KV streams that keep recent prompts for reuse (0: no prefix cache)
     min_prefix: int = 64  # shortest shared prefix worth restoring
+    lookup_draft: int = 0  # prompt-lookup speculation: most draft tokens per step (0: off)
     batch: int = 512  # most tokens per llama_decode call
     max_queue: int = 64
 
@@ -180,6 +186,9 @@ class _Seq:
     generated: int = 0
     started: float = field(default_factory=time.monotonic)
     ttft: float | None = None
+    history: list[int] = field(default_factory=list)  # prompt + generated, for lookup drafts
+    draft: list[int] = field(default_factory=list)
+    speculate: bool = False
 
 
 class ChatEngine:
@@ -235,7 +244,7 @@ class ChatEngine:
         self.heartbeat = time.monotonic()
         self.busy_since: float | None = None
         self.stats = {"requests": 0, "tokens": 0, "prompt_tokens": 0, "prefix_hits": 0,
-                      "prefix_tokens": 0}
+                      "prefix_tokens": 0, "draft_accepted": 0}
         self._thread = threading.Thread(target=self._run, name=f"chat-{model_path.stem}",
                                         daemon=True)
         self._thread.start()
@@ -397,6 +406,13 @@ class ChatEngine:
                 continue
             # the lowest free id: llama.cpp batches sequences whose ids are consecutive
             seq = _Seq(req, stream, self._free_ids.pop(0), sampler, TextAssembler(req.stop))
+            s = req.sampling
+            seq.speculate = bool(self.config.lookup_draft and s.temperature <= 0 and not req.grammar
+                                 and req.logprobs is None and not s.logit_bias
+                                 and not s.presence_penalty and not s.frequency_penalty
+                                 and s.repeat_penalty == 1.0)
+            if seq.speculate:
+                seq.history = list(req.prompt)
             self._restore_prefix(seq)
             self._active.append(seq)
             self._active.sort(key=lambda s: s.seq_id)
@@ -501,11 +517,19 @@ class ChatEngine:
 
         # Every generating sequence gets its next token; prompts fill the room that is left.
         # Tokens go in sequence-id order (see the module docstring).
-        room = self.config.batch - sum(1 for s in self._active if s.pending is not None)
+        decoding = [s for s in self._active if s.pending is not None]
+        # Drafts only when every generating sequence has one, all cut to the same length:
+        # llama.cpp splits a step into micro-batches of equal tokens per sequence.
+        k = min((len(s.draft) for s in decoding), default=0)
+        room = self.config.batch - len(decoding) * (1 + k)
         for seq in self._active:
             if seq.pending is not None:
-                add(seq.pending, len(seq.req.prompt) + seq.generated - 1, seq.seq_id, True)
+                pos = len(seq.req.prompt) + seq.generated - 1
+                add(seq.pending, pos, seq.seq_id, True)
                 outputs.append((seq, n - 1))
+                for j, token in enumerate(seq.draft[:k]):
+                    add(token, pos + 1 + j, seq.seq_id, True)
+                seq.draft = seq.draft[:k]
                 continue
             take = min(len(seq.req.prompt) - seq.done_prompt, room)
             if take <= 0:
@@ -530,7 +554,10 @@ class ChatEngine:
         for seq in prefilled:
             self._save_prefix(seq)  # before sampling: a sequence may finish at once
         for seq, idx in outputs:
-            self._sample(seq, idx)
+            if seq.draft:
+                self._verify(seq, idx)
+            else:
+                self._sample(seq, idx)
 
     def _sample(self, seq: _Seq, idx: int) -> None:
         ll = self._ll
@@ -540,14 +567,47 @@ class ChatEngine:
         token = ll.llama_sampler_sample(seq.sampler, self._ctx, idx)
         if seq.req.logprobs is not None:
             logprob, top = _logprobs(logits, self.n_vocab, token, seq.req.logprobs)
+        if self._emit(seq, token, logprob, top):
+            seq.pending = token
+            self._propose(seq)
+
+    def _verify(self, seq: _Seq, idx: int) -> None:
+        """Greedy check of a lookup draft: keep the drafted tokens the model agrees with, then
+        its own next token; drop the KV of the rest."""
+        ll, draft = self._ll, seq.draft
+        seq.draft = []
+        pos = len(seq.req.prompt) + seq.generated - 1  # of the pending token
+        for j in range(len(draft) + 1):
+            token = ll.llama_sampler_sample(seq.sampler, self._ctx, idx + j)
+            if not self._emit(seq, token, None, None):
+                return  # finished; its KV is freed with it
+            if j == len(draft) or token != draft[j]:
+                ll.llama_memory_seq_rm(self._mem, seq.seq_id, pos + 1 + j, -1)
+                self.stats["draft_accepted"] += j
+                seq.pending = token
+                self._propose(seq)
+                return
+
+    def _propose(self, seq: _Seq) -> None:
+        """Prompt lookup: if the last tokens appeared before, draft what followed them."""
+        if not seq.speculate:
+            return
+        seq.draft = _lookup(seq.history, self.config.lookup_draft,
+                            seq.req.max_tokens - seq.generated - 1)
+
+    def _emit(self, seq: _Seq, token: int, logprob: float | None,
+              top: list[tuple[int, float]] | None) -> bool:
+        """Hand one sampled token to the client; False if the sequence has finished."""
         if seq.ttft is None:
             seq.ttft = time.monotonic() - seq.started
             self.stats["prompt_tokens"] += len(seq.req.prompt)
         if self.is_eog(token):
             self._finish(seq, "stop")
-            return
+            return False
         seq.generated += 1
         self.stats["tokens"] += 1
+        if seq.speculate:
+            seq.history.append(token)
         text = seq.text.feed(self.piece(token))
         seq.stream.push(TokenEvent(text, token, logprob, top))
         if seq.text.stopped:
@@ -555,7 +615,20 @@ class ChatEngine:
         elif seq.generated >= seq.req.max_tokens:
             self._finish(seq, "length")
         else:
-            seq.pending = token
+            return True
+        return False
+
+
+def _lookup(history: list[int], most: int, room: int, ngram: int = 3) -> list[int]:
+    """The tokens that followed the latest earlier occurrence of the last `ngram` tokens."""
+    most = min(most, room)
+    if most <= 0 or len(history) <= ngram:
+        return []
+    tail = history[-ngram:]
+    for start in range(len(history) - ngram - 1, -1, -1):
+        if history[start:start + ngram] == tail:
+            return history[start + ngram:start + ngram + most]
+    return []
 
 
 def _logprobs(logits_ptr: Any, n_vocab: int, token: int,
