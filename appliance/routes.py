@@ -115,20 +115,24 @@ def _check_logit_bias(model: LoadedModel, req: Sampled) -> None:
 
 
 async def _events(stream: Stream, request: Request) -> AsyncIterator[TokenEvent | Finish]:
-    """Events until Finish; cancels the sequence if the client goes away."""
+    """Events until Finish. A watcher cancels the sequence if the client goes away (the engine
+    then ends the stream with a `cancelled` Finish); the token path itself waits on nothing
+    else, so each token costs one queue hand-off."""
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL)
+        stream.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(stream.get(), DISCONNECT_POLL)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    stream.cancel()
-                    return
-                continue
+            event = await stream.get()
             yield event
             if isinstance(event, Finish):
                 return
     finally:
+        watcher.cancel()
         stream.cancel()  # no-op when finished; frees the sequence when we stop early
 
 
@@ -142,7 +146,7 @@ async def _collect(stream: Stream, request: Request) -> tuple[str, list[TokenEve
         if isinstance(ev, Finish):
             if ev.reason == "error":
                 raise ApiError(500, ev.error or "generation failed", "server_error")
-            return text, events, ev
+            return text, events, None if ev.reason == "cancelled" else ev
         events.append(ev)
     return text, events, None
 

@@ -50,6 +50,7 @@ def install(recipe: Path, root: Path, work: Path) -> tuple[str, Path]:
 
 def measure(name: str, base: str, model: str, args: argparse.Namespace,
             eos: int) -> dict[tuple[int, int], Result]:
+    asyncio.run(run_load(base, model, 1, 1, 8, eos))  # warm-up, not counted
     results = {}
     for max_tokens in args.max_tokens:
         for clients in args.clients:
@@ -120,12 +121,16 @@ def main() -> None:
             stop(ours)
         for peer in args.peers:
             port = free_port()
-            ready = f"http://127.0.0.1:{port}" + ("/health" if peer == "llama-server"
-                                                  else "/v1/models")
+            # llama-server's /health can answer before its slots are ready: ask for the models
+            ready = f"http://127.0.0.1:{port}/v1/models"
             proc = start(peer_command(peer, gguf, model, port, args), ready,
                          log=work / f"{peer}.log")
             try:
                 rows[peer] = measure(peer, f"http://127.0.0.1:{port}", model, args, eos)
+            except Exception:
+                log = (work / f"{peer}.log").read_text(errors="replace").splitlines()
+                print("\n".join(log[-30:]), file=sys.stderr)
+                raise
             finally:
                 stop(proc)
         top = ceiling(gguf, args)
