@@ -2,7 +2,7 @@
 
 One `Runtime` per server process. It picks a variant for every model of every active bundle,
 loads the engines this build serves, and records what it chose and why in
-`/var/lib/appliance/runtime.json`, which `appliance-ctl status` shows.
+`/run/appliance/runtime.json`, which `appliance-ctl status` shows.
 """
 
 from __future__ import annotations
@@ -79,9 +79,8 @@ class Runtime:
 
     def load(self) -> None:
         """Load every model of every active bundle; a model that fails is reported, not fatal."""
-        store = Store(self.layout)
-        store.cleanup()
-        for inst in store.active_bundles():
+        # read-only: the service never changes the store (imports do, as root)
+        for inst in Store(self.layout).active_bundles():
             for model in inst.manifest.models:
                 if model.id in self.models:
                     log.warning("model %s of bundle %s hides another bundle's", model.id, inst.name)
@@ -186,11 +185,11 @@ class Runtime:
         }
 
     def _write_status(self) -> None:
-        path = self.layout.state / "runtime.json"
+        path = self.layout.run / "runtime.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(self.status(), indent=2).encode())
 
     def close(self) -> None:
         for m in self.served():
             m.engine.close()
-        (self.layout.state / "runtime.json").unlink(missing_ok=True)
+        (self.layout.run / "runtime.json").unlink(missing_ok=True)

@@ -61,6 +61,11 @@ class Layout:
         return self.root / "etc/appliance/appliance.toml"
 
     @property
+    def run(self) -> Path:
+        """Runtime state of the running service (systemd's RuntimeDirectory)."""
+        return self.root / "run/appliance"
+
+    @property
     def audit(self) -> AuditLog:
         return AuditLog(self.state / "audit.log")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="serve the active bundles' models (the systemd unit runs this)")
     sub.add_parser("probe", help="show the hardware the runtime sees")
+
+    usb = sub.add_parser("usb-import", help="import every *.bundle of a USB stick (udev runs it)")
+    usb.add_argument("device", type=Path, nargs="?", help="block device, mounted read-only")
+    usb.add_argument("--dir", type=Path, help="an already mounted folder instead of a device")
 
     ak = sub.add_parser("apikey", help="API keys for LAN clients (stored as hashes)")
     aks = ak.add_subparsers(dest="action", required=True)
@@ -165,7 +170,7 @@ def _runtime_report(layout: Layout) -> dict[str, Any] | None:
     """What the running server chose (runtime.json) and whether it answers /healthz."""
     import urllib.error
     import urllib.request
-    path = layout.state / "runtime.json"
+    path = layout.run / "runtime.json"
     if not path.exists():
         return None
     report: dict[str, Any] = json.loads(path.read_text())
@@ -219,6 +224,7 @@ def _serve(args: argparse.Namespace, layout: Layout) -> int:
 
     import uvicorn
 
+    from appliance import notify
     from appliance import settings as settings_mod
     from appliance.runtime import Runtime
     from appliance.server import create_app
@@ -234,6 +240,13 @@ def _serve(args: argparse.Namespace, layout: Layout) -> int:
               file=sys.stderr)
     app = create_app(runtime, cfg)
     _banner(cfg, [m.id for m in runtime.served() if m.task.value == "chat"])
+
+    def healthy() -> tuple[bool, str]:
+        report = runtime.health()
+        engines = ", ".join(f"{k} {v}" for k, v in report["engines"].items())
+        return report["status"] == "ok", f"{report['status']}: {engines or 'no models'}"
+
+    notify.supervise(cfg.host, cfg.port, healthy)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5)
     return 0
@@ -287,7 +300,13 @@ def _apikey(args: argparse.Namespace, layout: Layout) -> int:
     elif keys.pop(args.name, None) is None:
         raise UsageError(f"no API key named {args.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, "".join(f"{n} {h}\n" for n, h in keys.items()).encode(), mode=0o600)
+    # readable by the service's group only: the service runs as `appliance`, not root
+    atomic_write(path, "".join(f"{n} {h}\n" for n, h in keys.items()).encode(), mode=0o640)
+    try:
+        import grp
+        os.chown(path, -1, grp.getgrnam("appliance").gr_gid)
+    except (KeyError, PermissionError):
+        pass  # no such group here (a development machine): root-only is fine
     layout.audit.append(f"apikey-{args.action}", name=args.name, result="ok")
     if args.action == "create":
         print(key)
@@ -295,10 +314,46 @@ def _apikey(args: argparse.Namespace, layout: Layout) -> int:
     return 0
 
 
+def _usb_import(args: argparse.Namespace, layout: Layout) -> int:
+    """Import the bundles at the top of a stick. Nothing on it is executed or followed: only
+    regular files named *.bundle, each verified before anything is installed."""
+    import subprocess
+    import tempfile
+
+    from appliance.errors import ApplianceError, StoreError
+
+    def import_all(folder: Path) -> int:
+        failures = 0
+        for entry in sorted(folder.iterdir()):
+            if entry.suffix != ".bundle" or entry.is_symlink() or not entry.is_file():
+                continue
+            try:
+                inst = install.import_bundle(entry, layout)
+                print(f"{entry.name}: imported {inst.name} sequence {inst.sequence}")
+            except ApplianceError as exc:
+                failures += 1
+                print(f"{entry.name}: rejected: {exc.message}", file=sys.stderr)
+        return failures
+
+    if args.dir is not None:
+        return 1 if import_all(args.dir) else 0
+    if args.device is None:
+        raise UsageError("give a block device or --dir")
+    with tempfile.TemporaryDirectory(prefix="appliance-usb-") as mnt:
+        mounted = subprocess.run(["mount", "-o", "ro,nosuid,nodev,noexec", str(args.device), mnt],
+                                 capture_output=True, text=True)
+        if mounted.returncode != 0:
+            raise StoreError(f"cannot mount {args.device}: {mounted.stderr.strip()}")
+        try:
+            return 1 if import_all(Path(mnt)) else 0
+        finally:
+            subprocess.run(["umount", mnt], check=False)
+
+
 def _main(args: argparse.Namespace) -> int:
     layout = Layout.from_env(args.root)
     handler = {"bundle": _bundle, "keys": _keys, "audit": _audit, "status": _status,
-               "serve": _serve, "probe": _probe, "apikey": _apikey}
+               "serve": _serve, "probe": _probe, "apikey": _apikey, "usb-import": _usb_import}
     return handler[args.command](args, layout)
 
 
