@@ -14,8 +14,8 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 # Built wheels live in pip's cache folder, so a fresh clone (CI) reuses them; the key covers the flags.
 WHEEL_CACHE := $(or $(shell $(PYTHON) -m pip cache dir 2>/dev/null),$(CACHE))/appliance-wheels
 LLAMA_WHEEL_DIR := $(WHEEL_CACHE)/llama-$(LLAMA_VERSION)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
-# apt packages the tests need: espeak-ng and sox make test speech
-APT_PACKAGES := espeak-ng sox
+# apt packages: espeak-ng and sox make test speech; systemd-python builds against libsystemd
+APT_PACKAGES := espeak-ng sox libsystemd-dev pkg-config
 STATE := $(CACHE)/run
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 

@@ -7,6 +7,7 @@ $NOTIFY_SOCKET directly. Outside systemd (no NOTIFY_SOCKET) every call is a no-o
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -21,7 +22,7 @@ def notify(message: str) -> None:
     if not os.environ.get("NOTIFY_SOCKET"):
         return
     try:
-        from systemd import daemon
+        daemon = importlib.import_module("systemd.daemon")
         daemon.notify(message)
         return
     except ImportError:

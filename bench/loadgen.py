@@ -85,7 +85,8 @@ async def run_load(base: str, model: str, clients: int, requests_each: int, max_
     url = f"{base}/v1/completions"
 
     async def worker(i: int) -> None:
-        async with httpx.AsyncClient() as client:
+        # a fresh connection per request: llama-server closes streamed keep-alive connections
+        async with httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0)) as client:
             for k in range(requests_each):
                 body = {"model": model, "prompt": prompts[(i + k) % len(prompts)],
                         "max_tokens": max_tokens, "temperature": 0, "stream": True,
