@@ -95,7 +95,7 @@ run: demo-bundle
 
 # Benchmarks print a table with the peer measured in the same run; run them on a quiet machine.
 bench-chat: venv llama-tools
-	$(PY) bench/chat.py --peers llama-server --clients 1 4 8 16 --max-tokens 128 512 \
+	$(PY) bench/chat.py --peers llama-server --clients 1 4 8 16 --max-tokens 128 512 --extras \
 	  --llama-tools $(LLAMA_TOOLS_DIR)/bin
 
 bench-chat-python: venv

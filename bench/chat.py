@@ -24,12 +24,15 @@ from pathlib import Path
 
 from loadgen import (
     PROJECT,
+    QUOTE,
+    SHARED,
     Result,
     eos_token,
     free_port,
     install_bundle,
     machine,
     pct,
+    rss_peak_mb,
     run_load,
     serve,
     start,
@@ -95,16 +98,57 @@ def ceiling(gguf: Path, args: argparse.Namespace) -> dict[int, float]:
     return rates
 
 
+def _shared(base: str, model: str, eos: int) -> Result:
+    """Sequential requests sharing a 500-token system prompt (the first one warms any cache)."""
+    asyncio.run(run_load(base, model, 1, 1, 8, eos, SHARED[:1]))
+    return asyncio.run(run_load(base, model, 1, len(SHARED) - 1, 16, eos, SHARED[1:]))
+
+
+def _quote(base: str, model: str, eos: int) -> Result:
+    return asyncio.run(run_load(base, model, 1, 2, 128, eos, QUOTE))
+
+
+def workloads(work: Path, model: str, args: argparse.Namespace, eos: int) -> dict[str, float]:
+    """Our server with the prefix cache and speculation switched on and off."""
+    out: dict[str, float] = {}
+    for slots, draft in ((0, 0), (2, 0), (2, 6)):
+        proc, base = serve(work / "root", work / f"extra-{slots}-{draft}.log",
+                           APPLIANCE_THREADS=str(args.threads), APPLIANCE_PREFIX_SLOTS=str(slots),
+                           APPLIANCE_LOOKUP_DRAFT=str(draft), APPLIANCE_PARALLEL="4",
+                           APPLIANCE_CTX_PER_SEQ=str(args.ctx_per_seq),
+                           APPLIANCE_KV_CELLS=str(args.ctx_per_seq * (4 + slots)))
+        try:
+            if draft == 0:
+                shared = _shared(base, model, eos)
+                out[f"shared 500-token prompt, TTFT p50 (s), prefix slots {slots}"] = pct(
+                    shared.ttft, .5)
+            if slots:
+                quote = _quote(base, model, eos)
+                out[f"quoting answer, 1 client tok/s, lookup draft {draft}"] = quote.tok_s
+        finally:
+            stop(proc)
+    return out
+
+
+def peer_workloads(peer: str, base: str, model: str, eos: int) -> dict[str, float]:
+    return {f"{peer}: shared 500-token prompt, TTFT p50 (s)": pct(_shared(base, model, eos).ttft,
+                                                                 .5),
+            f"{peer}: quoting answer, 1 client tok/s": _quote(base, model, eos).tok_s}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--bundle", type=Path, default=PROJECT / "bundles" / "bench.toml")
-    p.add_argument("--peers", nargs="+", choices=PEERS, default=["llama-cpp-python"])
+    p.add_argument("--peers", nargs="*", choices=PEERS, default=["llama-cpp-python"])
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--max-tokens", type=int, nargs="+", default=[128])
     p.add_argument("--rounds", type=int, default=1, help="requests per client")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--ctx-per-seq", type=int, default=2048)
     p.add_argument("--llama-tools", type=Path, help="folder with llama-server, llama-batched-bench")
+    p.add_argument("--extras", action="store_true",
+                   help="also: shared 500-token system prompt (prefix cache on/off), answers "
+                        "that quote the input (speculation on/off), peak memory")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -117,8 +161,10 @@ def main() -> None:
                            APPLIANCE_KV_CELLS=str(args.ctx_per_seq * (max(args.clients) + 2)))
         try:
             rows["appliance"] = measure("appliance", base, model, args, eos)
+            peak_rss = rss_peak_mb(ours.pid)
         finally:
             stop(ours)
+        extras = workloads(work, model, args, eos) if args.extras else {}
         for peer in args.peers:
             port = free_port()
             # llama-server's /health can answer before its slots are ready: ask for the models
@@ -127,6 +173,9 @@ def main() -> None:
                          log=work / f"{peer}.log")
             try:
                 rows[peer] = measure(peer, f"http://127.0.0.1:{port}", model, args, eos)
+                if args.extras:
+                    extras.update(peer_workloads(peer, f"http://127.0.0.1:{port}", model, eos))
+                    extras[f"{peer} peak RSS (MiB)"] = rss_peak_mb(proc.pid)
             except Exception:
                 log = (work / f"{peer}.log").read_text(errors="replace").splitlines()
                 print("\n".join(log[-30:]), file=sys.stderr)
@@ -135,6 +184,9 @@ def main() -> None:
                 stop(proc)
         top = ceiling(gguf, args)
 
+    print(f"\nour peak RSS after {max(args.clients)} concurrent clients: {peak_rss:.0f} MiB")
+    for name, value in extras.items():
+        print(f"{name}: {value:.2f}" if isinstance(value, float) else f"{name}: {value}")
     print(f"\nmodel {model} ({gguf.name}); {args.threads} threads, {args.ctx_per_seq} context "
           f"per sequence, temperature 0, mixed prompts; {machine()}")
     for peer in args.peers:

@@ -32,6 +32,31 @@ PROMPTS = [
 ]
 
 
+# A shared system prompt of about 500 tokens, with a different question each time.
+SYSTEM = ("You are the on-device assistant of an offline appliance in a workshop. Answer in plain "
+          "words, cite the manual section when you can, never invent part numbers, and say when "
+          "you do not know. The appliance runs its models locally and never reaches a network. "
+          ) * 9
+QUESTIONS = ["How do I replace the filter?", "What does error E42 mean?",
+             "How often should the belt be oiled?", "Can I run it on battery power?",
+             "Where is the serial number?", "How do I update the models?",
+             "What is the maximum load?", "How loud is it at full speed?"]
+SHARED = [f"{SYSTEM}\nQuestion: {q}\nAnswer:" for q in QUESTIONS]
+# Answers that quote their input: where prompt-lookup speculation applies.
+PASSAGE = ("Each bundle is verified before it is installed: the signature over the manifest is "
+           "checked against the trusted keys, every file is hashed while it is copied, and the "
+           "sequence must be higher than any installed before. ")
+QUOTE = [f"Text: {PASSAGE * 3}\nRepeat the text exactly.\nText: {PASSAGE[:60]}"]
+
+
+def rss_peak_mb(pid: int) -> float:
+    """Peak resident memory (VmHWM) of a process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 @dataclass
 class Result:
     ttft: list[float] = field(default_factory=list)

@@ -407,10 +407,11 @@ class ChatEngine:
             # the lowest free id: llama.cpp batches sequences whose ids are consecutive
             seq = _Seq(req, stream, self._free_ids.pop(0), sampler, TextAssembler(req.stop))
             s = req.sampling
+            # greedy only, and no sampler state (penalties remember tokens; a grammar would
+            # have to be rewound): logit_bias is applied at every verified position
             seq.speculate = bool(self.config.lookup_draft and s.temperature <= 0 and not req.grammar
-                                 and req.logprobs is None and not s.logit_bias
-                                 and not s.presence_penalty and not s.frequency_penalty
-                                 and s.repeat_penalty == 1.0)
+                                 and req.logprobs is None and not s.presence_penalty
+                                 and not s.frequency_penalty and s.repeat_penalty == 1.0)
             if seq.speculate:
                 seq.history = list(req.prompt)
             self._restore_prefix(seq)
