@@ -19,7 +19,7 @@ APT_PACKAGES := espeak-ng sox libsystemd-dev pkg-config
 STATE := $(CACHE)/run
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv llama-wheel llama-tools bench-chat apt test test-fast run demo-bundle lint clean bench-chat-python bench-embed bench-asr
+.PHONY: help venv llama-wheel llama-tools bench-chat image apt test test-fast run demo-bundle lint clean bench-chat-python bench-embed bench-asr
 
 help:
 	@echo "make run    build + sign the demo bundle, import it into $(STATE), serve it on :8080"
@@ -106,6 +106,13 @@ bench-embed: venv
 
 bench-asr: venv apt
 	$(PY) bench/asr.py
+
+TARGET ?= x86_64-cpu
+IMAGE_TOOLS := mmdebstrap genimage e2fsprogs dosfstools mtools
+image: venv
+	@missing=""; for p in $(IMAGE_TOOLS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	$(VENV)/bin/appliance-build image --target $(TARGET) --out out/image
 
 clean:
 	rm -rf out dist $(STATE)

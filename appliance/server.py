@@ -65,9 +65,9 @@ class Guard:
         self.app = app
         self.settings = settings
         self.max_body = settings.max_body_mb * 1024 * 1024
-        port = settings.port
-        names = {"localhost", "127.0.0.1", "[::1]", settings.host, *settings.allowed_hosts}
-        self.hosts = names | {f"{n}:{port}" for n in names}
+        # host names only: a port-forwarded client (qemu, ssh -L) sends another port
+        self.hosts = {"localhost", "127.0.0.1", "[::1]", settings.host,
+                      *settings.allowed_hosts}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -112,8 +112,9 @@ class Guard:
                         code="request_too_large").response()
 
     def _check(self, scope: Scope, headers: dict[str, str]) -> ApiError | None:
-        host = headers.get("host", "")
-        if host.lower() not in self.hosts:
+        host = headers.get("host", "").lower()
+        name = host if host.endswith("]") else host.rpartition(":")[0] or host
+        if name not in self.hosts:
             return ApiError(421, "this appliance does not answer for that Host name",
                             code="misdirected_request")
         origin = headers.get("origin")

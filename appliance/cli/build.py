@@ -24,6 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--sequence", type=int, help="override the recipe's sequence")
     b.add_argument("--cache", type=Path, default=Path(".cache/bundle"),
                    help="where fetched and converted models are kept (default .cache/bundle)")
+    im = sub.add_parser("image", help="build the OS image of a target (build/targets/*.toml)")
+    im.add_argument("--target", required=True, help="x86_64-cpu, x86_64-cuda, arm64, jetson")
+    im.add_argument("--out", type=Path, required=True, help="folder for the image and manifest")
+    im.add_argument("--key", type=Path, help="publisher key for the preloaded bundle "
+                    "(default: a new one, written beside the image)")
+    im.add_argument("--cache", type=Path, default=Path(".cache/image"),
+                    help="built wheels and scratch space (default .cache/image)")
     return p
 
 
@@ -33,6 +40,13 @@ def _main(args: argparse.Namespace) -> int:
         print(f"key id {kid}")
         print(f"private key: {args.out}.key (keep it off the devices)")
         print(f"public key:  {args.out}.pub (trust it with `appliance-ctl keys add`)")
+        return 0
+    if args.command == "image":
+        from appliance import image, target
+        args.cache.mkdir(parents=True, exist_ok=True)
+        built = image.build(target.load(args.target), args.out.resolve(), args.cache.resolve(),
+                            log, args.key)
+        print(f"{built} ({built.stat().st_size >> 20} MiB)")
         return 0
     signers = [keys.load_private(k) for k in args.key]
     path = bundle.build(args.recipe, signers, args.out, args.cache, log, args.sequence)
