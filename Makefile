@@ -19,7 +19,7 @@ APT_PACKAGES := espeak-ng sox libsystemd-dev pkg-config
 STATE := $(CACHE)/run
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv llama-wheel llama-tools bench-chat image apt test test-fast run demo-bundle lint clean bench-chat-python bench-embed bench-asr
+.PHONY: help venv llama-wheel llama-tools bench-chat image image-test apt test test-fast run demo-bundle lint clean bench-chat-python bench-embed bench-asr
 
 help:
 	@echo "make run    build + sign the demo bundle, import it into $(STATE), serve it on :8080"
@@ -71,7 +71,7 @@ venv: apt llama-wheel
 	fi
 
 test: venv
-	$(PY) -m pytest -m '' -q
+	$(PY) -m pytest -m 'not image' -q
 
 test-fast: venv
 	$(PY) -m pytest -q
@@ -113,6 +113,12 @@ image: venv
 	@missing=""; for p in $(IMAGE_TOOLS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 	$(VENV)/bin/appliance-build image --target $(TARGET) --out out/image
+
+image-test: venv
+	@dpkg -s qemu-system-x86 ovmf >/dev/null 2>&1 || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 ovmf >/dev/null)
+	@[ -f out/image/$(TARGET).img ] || $(MAKE) image TARGET=$(TARGET)
+	$(PY) -m pytest -m image -q -s tests/test_image.py
 
 clean:
 	rm -rf out dist $(STATE)

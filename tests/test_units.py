@@ -30,10 +30,13 @@ def _local_copy(unit: str, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("unit,instance", [("appliance.service", "appliance.service"),
+                                           ("appliance-console-status.service",
+                                            "appliance-console-status.service"),
                                            ("appliance-import@.service",
                                             "appliance-import@sdb1.service")])
 def test_verify(tmp_path: Path, unit: str, instance: str) -> None:
-    _local_copy(unit, tmp_path)
+    for other in SYSTEMD.glob("*.service"):  # units find their dependencies beside them
+        _local_copy(other.name, tmp_path)
     if instance != unit:
         (tmp_path / instance).symlink_to(tmp_path / unit)
     result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / instance)],

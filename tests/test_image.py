@@ -1,0 +1,130 @@
+"""Boot test: the built x86_64-cpu image boots under qemu (software emulation), its service
+becomes ready, the official OpenAI client gets models, a chat, an embedding and a transcription
+through a loopback port forward, the status appears on the serial console, and the guest opens
+no connection of its own (checked in a capture of its network traffic).
+
+    make image-test        (builds the image first when it is missing)
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import PROJECT, free_port
+
+pytestmark = pytest.mark.image
+IMAGE = PROJECT / "out" / "image" / "x86_64-cpu.img"
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+READY_TIMEOUT = 1500  # seconds; Python and three engines start slowly under TCG
+GUEST = bytes([10, 0, 2, 15])  # qemu user networking's guest address
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path, Path]]:
+    if not IMAGE.exists():
+        pytest.fail(f"{IMAGE} is missing: run `make image TARGET=x86_64-cpu` first")
+    work = tmp_path_factory.mktemp("boot")
+    vars_fd = work / "vars.fd"
+    shutil.copy(OVMF_VARS, vars_fd)
+    port = free_port()
+    serial, pcap = work / "serial.log", work / "net.pcap"
+    started = time.monotonic()
+    qemu = subprocess.Popen([
+        "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2",
+        "-m", "3072", "-snapshot", "-no-reboot", "-display", "none", "-monitor", "none",
+        "-serial", f"file:{serial}",
+        "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,file={vars_fd}",
+        "-drive", f"file={IMAGE},format=raw,if=virtio",
+        # restrict=on: the guest reaches nothing, only the forwarded port reaches it
+        "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:8080",
+        "-device", "virtio-net-pci,netdev=n0",
+        "-object", f"filter-dump,id=d0,netdev=n0,file={pcap}",
+    ])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while time.monotonic() - started < READY_TIMEOUT:
+            assert qemu.poll() is None, serial.read_text(errors="replace")[-3000:]
+            try:
+                if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(5)
+        else:
+            raise AssertionError("not ready: " + serial.read_text(errors="replace")[-3000:])
+        print(f"boot to ready: {time.monotonic() - started:.0f} s")
+        key = (IMAGE.parent / "x86_64-cpu.api-key").read_text().strip()
+        yield base, key, serial, pcap
+    finally:
+        qemu.terminate()
+        try:
+            qemu.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            qemu.kill()
+
+
+def test_openai_client_against_the_guest(guest: tuple[str, str, Path, Path],
+                                         tmp_path: Path) -> None:
+    base, key, _, _ = guest
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=600)
+    ids = {m.id for m in client.models.list()}
+    assert ids == {"smollm2-135m-instruct", "all-minilm-l6-v2", "whisper-tiny.en"}
+    chat = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=4,
+                                          messages=[{"role": "user", "content": "Hi"}])
+    assert chat.usage and chat.usage.completion_tokens >= 1
+    emb = client.embeddings.create(model="all-minilm-l6-v2", input="hello")
+    assert len(emb.data[0].embedding) == 384
+    wav = tmp_path / "hello.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), "hello world"], check=True)
+    with wav.open("rb") as f:
+        text = client.audio.transcriptions.create(model="whisper-tiny.en", file=f).text
+    assert "hello" in text.lower()
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_status_on_the_console(guest: tuple[str, str, Path, Path]) -> None:
+    _, _, serial, _ = guest
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        log = serial.read_text(errors="replace")
+        if "health ok" in log:
+            break
+        time.sleep(2)
+    assert "bundle demo: active 1" in log and "health ok" in log, log[-3000:]
+
+
+def _guest_initiated(pcap: Path) -> list[str]:
+    """Connections the guest started: TCP SYN without ACK, or UDP other than DHCP."""
+    data = pcap.read_bytes()
+    found, pos = [], 24  # pcap global header
+    while pos + 16 <= len(data):
+        incl = struct.unpack("<I", data[pos + 8:pos + 12])[0]
+        frame = data[pos + 16:pos + 16 + incl]
+        pos += 16 + incl
+        if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[26:30] != GUEST:
+            continue
+        ihl = (frame[14] & 0x0F) * 4
+        proto, dst = frame[23], ".".join(str(b) for b in frame[30:34])
+        l4 = frame[14 + ihl:]
+        if proto == 6 and len(l4) >= 14 and l4[13] & 0x02 and not l4[13] & 0x10:
+            found.append(f"tcp to {dst}:{struct.unpack('>H', l4[2:4])[0]}")
+        elif proto == 17 and len(l4) >= 4 and struct.unpack(">H", l4[2:4])[0] not in (67,):
+            found.append(f"udp to {dst}:{struct.unpack('>H', l4[2:4])[0]}")
+    return found
+
+
+def test_guest_opens_no_connection(guest: tuple[str, str, Path, Path]) -> None:
+    *_, pcap = guest
+    assert pcap.stat().st_size > 24
+    assert _guest_initiated(pcap) == []
