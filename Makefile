@@ -32,12 +32,13 @@ apt:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# llama-cpp-python has no wheels on PyPI: build it once from the sdist and keep the wheel.
+# llama-cpp-python has no wheels on PyPI: build it once from the sdist and keep the wheel
+# (without pip's own wheel cache, which ignores CMAKE_ARGS).
 llama-wheel:
 	@if ! ls $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 	  echo "building llama-cpp-python $(LLAMA_VERSION) from source (about 10 minutes on 2 cores, once)"; \
 	  mkdir -p $(LLAMA_WHEEL_DIR).tmp && \
-	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PYTHON) -m pip wheel --no-deps --no-binary llama-cpp-python \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PYTHON) -m pip wheel --no-cache-dir --no-deps --no-binary llama-cpp-python \
 	    -w $(LLAMA_WHEEL_DIR).tmp llama-cpp-python==$(LLAMA_VERSION) && \
 	  rm -rf $(LLAMA_WHEEL_DIR) && mv $(LLAMA_WHEEL_DIR).tmp $(LLAMA_WHEEL_DIR); \
 	fi

@@ -129,11 +129,15 @@ def build_wheels(ctx: Context) -> None:
                 "(about 5 minutes, once)")
         tmp = cached.with_name(key + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        run(ctx, *pip, "wheel", "-q", "--no-deps", "--no-binary", "llama-cpp-python", "-w", tmp,
+        # --no-cache-dir: pip's wheel cache is keyed by the sdist, not by CMAKE_ARGS, and would
+        # hand back a wheel built for another CPU
+        run(ctx, *pip, "wheel", "-q", "--no-cache-dir", "--no-deps", "--no-binary",
+            "llama-cpp-python", "-w", tmp,
             f"llama-cpp-python=={LLAMA_VERSION}", env={"CMAKE_ARGS": flags})
         tmp.rename(cached)
     for wheel in cached.glob("*.whl"):
         shutil.copy(wheel, ctx.wheels)
+        run(ctx, *pip, "wheel", "-q", "-w", ctx.wheels, ctx.wheels / wheel.name)  # its deps
     ctx.inputs["wheels"] = sorted(w.name for w in ctx.wheels.glob("*.whl"))
 
 
@@ -172,7 +176,8 @@ def install_python_env(ctx: Context) -> None:
     shutil.copytree(ctx.wheels, staged)
     run(ctx, "chroot", ctx.tree, "python3", "-m", "venv", "/opt/appliance/venv")
     run(ctx, "chroot", ctx.tree, "/opt/appliance/venv/bin/pip", "install", "-q", "--no-index",
-        "--find-links", "/tmp/wheels", "appliance", "llama-cpp-python")
+        "--find-links", "/tmp/wheels", "appliance", "llama-cpp-python",
+        env={"PIP_CONFIG_FILE": "/dev/null", "PIP_FIND_LINKS": "", "PIP_CONSTRAINT": ""})
     shutil.rmtree(staged)
     shutil.copy(PROJECT / "README.md", ctx.tree / "opt/appliance/README.md")
 
