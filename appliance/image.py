@@ -200,7 +200,7 @@ def install_units(ctx: Context) -> None:
     # the root file system is read-only: users exist before first boot
     run(ctx, "systemd-sysusers", f"--root={tree}")
     run(ctx, "systemd-tmpfiles", f"--root={tree}", "--create",
-        "/usr/lib/tmpfiles.d/appliance.conf")
+        tree / "usr/lib/tmpfiles.d/appliance.conf")
     network = tree / "etc/systemd/network/20-lan.network"
     network.write_text("[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\nLinkLocalAddressing=yes\n")
     (tree / "etc/hostname").write_text(ctx.target.hostname + "\n")
