@@ -19,7 +19,7 @@ APT_PACKAGES := espeak-ng sox libsystemd-dev pkg-config
 STATE := $(CACHE)/run
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv llama-wheel llama-tools bench-chat image image-test apt test test-fast run demo-bundle lint clean bench-chat-python bench-embed bench-asr
+.PHONY: help venv llama-wheel llama-tools bench-chat image image-tools image-test apt test test-fast run demo-bundle lint clean bench-chat-python bench-embed bench-asr
 
 help:
 	@echo "make run    build + sign the demo bundle, import it into $(STATE), serve it on :8080"
@@ -71,8 +71,10 @@ venv: apt llama-wheel
 	  echo "$$stamp" > $(VENV)/.stamp; \
 	fi
 
+# Everything: unit, models and API tests, then the x86_64-cpu image built and booted under qemu.
 test: venv
 	$(PY) -m pytest -m 'not image' -q
+	$(MAKE) image-test TARGET=x86_64-cpu
 
 test-fast: venv
 	$(PY) -m pytest -q
@@ -109,16 +111,17 @@ bench-asr: venv apt
 	$(PY) bench/asr.py
 
 TARGET ?= x86_64-cpu
-IMAGE_TOOLS := mmdebstrap genimage e2fsprogs dosfstools mtools
-image: venv
+IMAGE_TOOLS := mmdebstrap genimage e2fsprogs dosfstools mtools qemu-system-x86 ovmf
+image-tools:
 	@missing=""; for p in $(IMAGE_TOOLS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	if [ -n "$$missing" ]; then echo "installing apt packages:$$missing"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+
+image: venv image-tools
 	$(VENV)/bin/appliance-build image --target $(TARGET) --out out/image
 
-image-test: venv
-	@dpkg -s qemu-system-x86 ovmf >/dev/null 2>&1 || (apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 ovmf >/dev/null)
-	@[ -f out/image/$(TARGET).img ] || $(MAKE) image TARGET=$(TARGET)
+# Always rebuilds first: the image must contain the code under test.
+image-test: image
 	$(PY) -m pytest -m image -q -s tests/test_image.py
 
 clean:

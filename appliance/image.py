@@ -94,6 +94,15 @@ def run(ctx: Context, *args: str | Path, env: dict[str, str] | None = None,
     return result.stdout
 
 
+def wheel_cache() -> Path:
+    """pip's cache folder (kept across clones, so CI reuses the slow llama.cpp builds)."""
+    out = subprocess.run([sys.executable, "-m", "pip", "cache", "dir"], capture_output=True,
+                         text=True)
+    base = Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else (
+        PROJECT / ".cache")
+    return base / "appliance-wheels"
+
+
 # --- steps ----------------------------------------------------------------------------------
 
 def check_host(ctx: Context) -> None:
@@ -123,7 +132,7 @@ def build_wheels(ctx: Context) -> None:
     run(ctx, *pip, "wheel", "-q", "-w", ctx.wheels, PROJECT)
     flags = " ".join(ctx.target.llama_cmake_args)
     key = hashlib.sha256(f"{LLAMA_VERSION} {flags}".encode()).hexdigest()[:12]
-    cached = ctx.cache / "llama" / key
+    cached = wheel_cache() / f"llama-image-{LLAMA_VERSION}-{key}"
     if not list(cached.glob("llama_cpp_python-*.whl")):
         ctx.log(f"  building llama-cpp-python {LLAMA_VERSION} for {ctx.target.name} "
                 "(about 5 minutes, once)")

@@ -84,11 +84,12 @@ def test_openai_client_against_the_guest(guest: tuple[str, str, Path, Path],
     assert chat.usage and chat.usage.completion_tokens >= 1
     emb = client.embeddings.create(model="all-minilm-l6-v2", input="hello")
     assert len(emb.data[0].embedding) == 384
-    wav = tmp_path / "hello.wav"
-    subprocess.run(["espeak-ng", "-w", str(wav), "hello world"], check=True)
+    wav = tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "140", "-w", str(wav),
+                    "The weather today is sunny with a light breeze."], check=True)
     with wav.open("rb") as f:
         text = client.audio.transcriptions.create(model="whisper-tiny.en", file=f).text
-    assert "hello" in text.lower()
+    assert "sunny" in text.lower() and "breeze" in text.lower(), text
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
 
