@@ -31,7 +31,7 @@ from appliance.protocol import (
     Unsupported,
 )
 from appliance.runtime import LoadedModel, Runtime
-from appliance.server import ApiError, sse
+from appliance.server import ApiError, sse, sse_error
 
 router = APIRouter()
 DISCONNECT_POLL = 0.5
@@ -299,8 +299,7 @@ async def _chat_stream(model: LoadedModel, req: ChatCompletionRequest, stream: S
     async for ev in _events(stream, request):
         if isinstance(ev, Finish):
             if ev.reason == "error":
-                yield sse({"error": {"message": ev.error, "type": "server_error",
-                                     "param": None, "code": None}})
+                yield sse_error(ev.error)
                 break
             held += ev.text
             call = grammar.parse_tool_call(held, req.tools or []) if tools_possible else None
@@ -401,8 +400,7 @@ async def _completion_stream(model: LoadedModel, req: CompletionRequest, stream:
     async for ev in _events(stream, request):
         if isinstance(ev, Finish):
             if ev.reason == "error":
-                yield sse({"error": {"message": ev.error, "type": "server_error",
-                                     "param": None, "code": None}})
+                yield sse_error(ev.error)
                 break
             yield chunk(ev.text, ev.reason)
             if include_usage:

@@ -22,7 +22,7 @@ from appliance.engines.transcribe import Segment, Transcript
 from appliance.errors import ApplianceError
 from appliance.protocol import Unsupported
 from appliance.runtime import LoadedModel, Runtime
-from appliance.server import ApiError, sse
+from appliance.server import ApiError, sse, sse_error
 
 router = APIRouter()
 FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
@@ -207,8 +207,7 @@ async def _stream(model: LoadedModel, pcm: Any, kw: dict[str, Any],
             if item is None:
                 break
             if isinstance(item, BaseException):
-                yield sse({"error": {"message": "transcription failed", "type": "server_error",
-                                     "param": None, "code": None}})
+                yield sse_error("transcription failed")
                 return
             text = item if parts else item.lstrip()
             parts.append(text)

@@ -194,3 +194,8 @@ def create_app(runtime: Runtime, settings: Settings) -> Any:
 def sse(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n".encode()
+
+
+def sse_error(message: str | None) -> bytes:
+    """An error in the middle of a stream: the OpenAI SDK raises it as an APIError."""
+    return sse(error_body(message or "generation failed", "server_error"))
