@@ -43,9 +43,12 @@ def watchdog_interval() -> float | None:
     return int(usec) / 2_000_000
 
 
-def supervise(host: str, port: int, healthy: Callable[[], tuple[bool, str]]) -> threading.Thread:
+def supervise(host: str, port: int, healthy: Callable[[], tuple[bool, str]],
+              stop: threading.Event | None = None) -> threading.Thread:
     """Start the thread that says READY once `host:port` accepts connections, then pings the
-    watchdog while `healthy()` holds and reports its status line."""
+    watchdog while `healthy()` holds and reports its status line (until `stop` is set)."""
+    stop = stop or threading.Event()
+
     def run() -> None:
         target = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
         while True:
@@ -57,8 +60,7 @@ def supervise(host: str, port: int, healthy: Callable[[], tuple[bool, str]]) -> 
         ok, status = healthy()
         notify(f"READY=1\nSTATUS={status}")
         interval = watchdog_interval() or 10.0
-        while True:
-            time.sleep(interval)
+        while not stop.wait(interval):
             ok, status = healthy()
             if ok:
                 notify(f"WATCHDOG=1\nSTATUS={status}")

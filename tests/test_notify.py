@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,19 @@ def test_ready_then_watchdog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("WATCHDOG_USEC", "200000")  # ping every 0.1 s
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     state = {"ok": True}
-    notify.supervise("127.0.0.1", listener.getsockname()[1],
-                     lambda: (state["ok"], "ok: m ok" if state["ok"] else "unhealthy: m dead"))
+    stop = threading.Event()
+    thread = notify.supervise(
+        "127.0.0.1", listener.getsockname()[1],
+        lambda: (state["ok"], "ok: m ok" if state["ok"] else "unhealthy: m dead"), stop)
     first = receiver.recv(4096).decode()
     assert first.startswith("READY=1") and "STATUS=ok: m ok" in first
     assert receiver.recv(4096).decode().startswith("WATCHDOG=1")
     state["ok"] = False
     seen = [receiver.recv(4096).decode() for _ in range(3)]
     assert "STATUS=unhealthy: m dead" in seen[-1] and "WATCHDOG" not in seen[-1]
+    stop.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
     receiver.close()
     listener.close()
 
