@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 4
+MAX_STOP_CHARS = 256  # stop strings are matched at every token: keep that cheap
 MAX_MESSAGES = 4096
 
 
@@ -108,6 +109,8 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if len(stops) > MAX_STOP:
         raise ValueError(f"stop takes at most {MAX_STOP} strings")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"a stop string has more than {MAX_STOP_CHARS} characters")
     return [s for s in stops if s]
 
 

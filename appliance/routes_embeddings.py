@@ -10,7 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from appliance import manifest as mf
-from appliance.engines.embed import TooLong, truncate
+from appliance.engines.embed import BadTokens, TooLong, truncate
 from appliance.protocol import EmbeddingRequest, Unsupported
 from appliance.runtime import Runtime
 from appliance.server import ApiError
@@ -36,6 +36,8 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> dict[str, Any]:
         ids = engine.encode(texts) if texts else engine.wrap(token_lists)
     except TooLong as exc:
         raise ApiError(400, exc.message, param="input", code="context_length_exceeded") from None
+    except BadTokens as exc:
+        raise ApiError(400, exc.message, param="input", code="invalid_token_id") from None
     tokens = sum(len(row) for row in ids)
     if tokens > limits.max_embedding_tokens:
         raise Unsupported("input", f"{tokens} tokens; at most {limits.max_embedding_tokens} "

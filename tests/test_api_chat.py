@@ -203,6 +203,7 @@ def test_completions(client: openai.OpenAI) -> None:
     ({"temperature": 5}, "temperature", None),
     ({"extra_body": {"mirostat": 2}}, "mirostat", None),
     ({"top_logprobs": 2}, "top_logprobs", None),
+    ({"stop": ["x" * 300]}, "stop", None),
     ({"logit_bias": {"99999999": 5}}, "logit_bias", None),
     ({"messages": [{"role": "user", "content": "word " * 1100}]}, "messages",
      "context_length_exceeded"),

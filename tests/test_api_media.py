@@ -129,6 +129,7 @@ def test_token_id_input(client: openai.OpenAI) -> None:
     ({"input": ["x"] * 65}, "input"),
     ({"input": "word " * 300}, "input"),
     ({"input": [[10**9]]}, "input"),
+    ({"input": [[-1]]}, "input"),
     ({"input": "x", "dimensions": 1000}, "dimensions"),
     ({"input": "x", "encoding_format": "hex"}, "encoding_format"),
 ])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.engines.embed import EmbedEngine, TooLong
+from appliance.engines.embed import BadTokens, EmbedEngine, TooLong
 from appliance.engines.lanes import CoreLanes
 
 pytestmark = pytest.mark.models
@@ -48,7 +48,7 @@ def test_dynamic_padding_and_limits(onnx_folder: Path) -> None:
         assert len(ids[0]) < len(ids[1]) < 128  # no fixed padding to 128
         with pytest.raises(TooLong, match="at most 256"):
             engine.encode(["word " * 300])
-        with pytest.raises(TooLong, match="outside"):
+        with pytest.raises(BadTokens, match="outside"):
             engine.wrap([[engine.vocab + 5]])
         assert engine.wrap([[2023, 2003]]) == [[101, 2023, 2003, 102]]
     finally:

@@ -28,12 +28,16 @@ import numpy as np
 from appliance.engines.lanes import CoreLanes
 from appliance.errors import ApplianceError, FormatError
 
-__all__ = ["EmbedEngine", "TooLong"]
+__all__ = ["BadTokens", "EmbedEngine", "TooLong"]
 log = logging.getLogger(__name__)
 
 
 class TooLong(ApplianceError):
     """An input has more tokens than the model takes."""
+
+
+class BadTokens(ApplianceError):
+    """Client-given token ids outside the vocabulary."""
 
 
 @dataclass
@@ -89,7 +93,7 @@ class EmbedEngine:
         for i, ids in enumerate(token_lists):
             bad = next((t for t in ids if not 0 <= t < self.vocab), None)
             if bad is not None:
-                raise TooLong(f"input[{i}] has token id {bad}, outside 0..{self.vocab - 1}")
+                raise BadTokens(f"input[{i}] has token id {bad}, outside 0..{self.vocab - 1}")
         out = [self._prefix + ids + self._suffix for ids in token_lists]
         self._check(out)
         return out
