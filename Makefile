@@ -19,7 +19,7 @@ APT_PACKAGES := espeak-ng sox libsystemd-dev pkg-config
 STATE := $(CACHE)/run
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv llama-wheel llama-tools bench-chat image image-tools image-test apt test test-fast run demo-bundle lint clean bench-chat-python bench-embed bench-asr
+.PHONY: help venv llama-wheel llama-tools bench-chat image image-tools image-test image-repro apt test test-fast run demo-bundle lint clean bench-chat-python bench-embed bench-asr
 
 help:
 	@echo "make run    build + sign the demo bundle, import it into $(STATE), serve it on :8080"
@@ -119,6 +119,15 @@ image-tools:
 
 image: venv image-tools
 	$(VENV)/bin/appliance-build image --target $(TARGET) --out out/image
+
+# Two builds of one target from the same inputs (same time, same publisher key), compared.
+image-repro: venv image-tools
+	@mkdir -p out/repro && [ -f out/repro/publisher.key ] || $(VENV)/bin/appliance-build keygen --out out/repro/publisher
+	@[ -f out/repro/api-key ] || (umask 077; echo "sk-appliance-repro-$$(date +%s%N)" > out/repro/api-key)
+	for side in a b; do SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct) $(VENV)/bin/appliance-build image \
+	  --target $(TARGET) --key out/repro/publisher.key --api-key-file out/repro/api-key \
+	  --out out/repro/$$side || exit 1; done
+	$(VENV)/bin/appliance-build image-compare out/repro/a out/repro/b
 
 # Always rebuilds first: the image must contain the code under test.
 image-test: image

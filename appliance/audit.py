@@ -22,6 +22,12 @@ from appliance.fsutil import atomic_write
 GENESIS = "0" * 64
 
 
+def _now() -> datetime:
+    """Wall-clock time, or SOURCE_DATE_EPOCH while an image is being built reproducibly."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    return datetime.fromtimestamp(int(epoch), UTC) if epoch else datetime.now(UTC)
+
+
 def _digest(entry: dict[str, Any]) -> str:
     body = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(body.encode()).hexdigest()
@@ -44,7 +50,7 @@ class AuditLog:
                 n, prev = self._head()
                 entry: dict[str, Any] = {
                     "n": n + 1,
-                    "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "time": _now().isoformat(timespec="seconds"),
                     "event": event,
                     **details,
                     "prev": prev,

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,8 +83,10 @@ def run(ctx: Context, *args: str | Path, env: dict[str, str] | None = None,
         cwd: Path | None = None) -> str:
     """Run a tool; on failure raise ImageError naming the step, the tool and its last lines."""
     cmd = [str(a) for a in args]
+    # every tool sees the build's fixed time (mmdebstrap, pip's .pyc files, tar, genimage)
+    fixed = {"SOURCE_DATE_EPOCH": str(ctx.epoch), "E2FSPROGS_FAKE_TIME": str(ctx.epoch)}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **fixed, **(env or {})})
     (ctx.work / "log").mkdir(exist_ok=True)
     with (ctx.work / "log" / f"{ctx.step}.log").open("a") as f:
         f.write(f"$ {' '.join(cmd)}\n{result.stdout}\n{result.stderr}\n")
@@ -174,7 +177,7 @@ def install_base_tree(ctx: Context) -> None:
         f"--components={','.join(t.components)}", f"--include={','.join(t.packages)}",
         "--customize-hook=chroot \"$1\" apt-get clean",
         "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/*",
-        t.release, ctx.tree, t.mirror, env={"SOURCE_DATE_EPOCH": str(ctx.epoch)})
+        t.release, ctx.tree, t.mirror)
     versions = run(ctx, "chroot", ctx.tree, "dpkg-query", "-W", "-f", "${Package} ${Version}\n")
     ctx.inputs["packages"] = versions.strip().splitlines()
 
@@ -239,7 +242,7 @@ def install_config(ctx: Context) -> None:
     hosts = [t.hostname, f"{t.hostname}.local"]
     layout.config.write_text(
         f'[server]\nhost = "{t.listen}"\nport = {t.port}\nallowed_hosts = {json.dumps(hosts)}\n')
-    ctx.api_key = "sk-appliance-" + secrets.token_urlsafe(32)
+    ctx.api_key = ctx.api_key or "sk-appliance-" + secrets.token_urlsafe(32)
     keyfile = ctx.tree / "etc/appliance/api-keys"
     keyfile.write_text(f"image {hash_key(ctx.api_key)}\n")
     gid = int(run(ctx, "chroot", ctx.tree, "getent", "group", "appliance").split(":")[2])
@@ -279,6 +282,14 @@ def make_disk(ctx: Context) -> None:
     (esp / "loader/entries/appliance.conf").write_text(
         "title appliance\nlinux /vmlinuz\ninitrd /initrd.img\n"
         f"options root=LABEL=appliance-root ro console={console} quiet systemd.show_status=1\n")
+    for folder in (ctx.tree, esp):
+        clamp_mtimes(folder, ctx.epoch)
+    list_tree(ctx)
+    # identifiers derived from the target and the build time, not random: two builds of the
+    # same inputs can then be compared byte for byte
+    ids = {part: uuid.uuid5(uuid.NAMESPACE_URL, f"appliance:{t.name}:{ctx.epoch}:{part}")
+           for part in ("disk", "root", "data", "root-seed", "data-seed")}
+    serial = ids["disk"].hex[:8]
     files = [p.relative_to(esp).as_posix() for p in esp.rglob("*") if p.is_file()]
     entries = "\n".join(f'    file "{f}" {{ image = "esp/{f}" }}' for f in files)
     cfg = ctx.work / "genimage.cfg"
@@ -286,22 +297,25 @@ def make_disk(ctx: Context) -> None:
 image esp.vfat {{
   vfat {{
     label = "ESP"
+    extraargs = "-i {serial}"
 {entries}
   }}
   size = {t.esp_mb}M
 }}
 image root.ext4 {{
-  ext4 {{ label = "appliance-root" use-mke2fs = true features = "^metadata_csum_seed" }}
+  ext4 {{ label = "appliance-root" use-mke2fs = true
+          extraargs = "-U {ids['root']} -E hash_seed={ids['root-seed']}" }}
   mountpoint = "/"
   size = {t.root_mb}M
 }}
 image data.ext4 {{
-  ext4 {{ label = "appliance-data" use-mke2fs = true }}
+  ext4 {{ label = "appliance-data" use-mke2fs = true
+          extraargs = "-U {ids['data']} -E hash_seed={ids['data-seed']}" }}
   mountpoint = "/var/lib/appliance"
   size = {t.data_mb}M
 }}
 image {t.name}.img {{
-  hdimage {{ partition-table-type = "gpt" }}
+  hdimage {{ partition-table-type = "gpt" disk-uuid = "{ids['disk']}" }}
   partition esp {{ image = "esp.vfat" partition-type-uuid = "U" }}
   partition root {{ image = "root.ext4" partition-type-uuid = "L" }}
   partition data {{ image = "data.ext4" partition-type-uuid = "L" }}
@@ -309,10 +323,47 @@ image {t.name}.img {{
 """)
     with tempfile.TemporaryDirectory(dir=ctx.work) as tmp:
         run(ctx, "genimage", "--config", cfg, "--rootpath", ctx.tree, "--inputpath", ctx.work,
-            "--outputpath", ctx.out, "--tmppath", Path(tmp) / "genimage",
-            env={"SOURCE_DATE_EPOCH": str(ctx.epoch)})
+            "--outputpath", ctx.out, "--tmppath", Path(tmp) / "genimage")
     for part in ("esp.vfat", "root.ext4", "data.ext4"):
         (ctx.out / part).unlink(missing_ok=True)
+
+
+def clamp_mtimes(folder: Path, epoch: int) -> None:
+    """No file newer than the build time: file systems record mtimes (reproducible builds)."""
+    for path in [folder, *folder.rglob("*")]:
+        if path.lstat().st_mtime > epoch:
+            os.utime(path, (epoch, epoch), follow_symlinks=False)
+
+
+def list_tree(ctx: Context) -> None:
+    """NAME.files: every path of the tree with its sha256 (or link target), for comparing
+    two builds file by file."""
+    lines = []
+    for path in sorted(ctx.tree.rglob("*")):
+        rel = path.relative_to(ctx.tree).as_posix()
+        if path.is_symlink():
+            lines.append(f"link {os.readlink(path)}  {rel}")
+        elif path.is_file():
+            lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {rel}")
+    (ctx.out / f"{ctx.target.name}.files").write_text("\n".join(lines) + "\n")
+
+
+def compare(a: Path, b: Path) -> list[str]:
+    """Differences between two builds of one target (folders holding NAME.files/.manifest)."""
+    out = []
+    ma, mb = (json.loads(next(d.glob("*.manifest.json")).read_text()) for d in (a, b))
+    out.append("image identical" if ma["sha256"] == mb["sha256"] else
+               f"image differs: {ma['sha256'][:16]} vs {mb['sha256'][:16]}")
+    for key in ("packages", "wheels", "bundle"):
+        if ma.get(key) != mb.get(key):
+            out.append(f"{key} differ")
+    fa, fb = ({line.split("  ", 1)[1]: line.split("  ", 1)[0]
+               for line in next(d.glob("*.files")).read_text().splitlines() if "  " in line}
+              for d in (a, b))
+    for path in sorted(set(fa) | set(fb)):
+        if fa.get(path) != fb.get(path):
+            out.append(f"file differs: {path}")
+    return out
 
 
 def write_manifest(ctx: Context) -> None:
@@ -334,7 +385,7 @@ STEPS = [check_host, build_wheels, build_bundle, install_base_tree, install_pyth
 
 
 def build(target: Target, out: Path, cache: Path, log: Log,
-          signing_key: Path | None = None) -> Path:
+          signing_key: Path | None = None, api_key: str | None = None) -> Path:
     """Run every step for `target`; return the image (or rootfs tarball)."""
     if os.geteuid() != 0:
         raise UsageError("building an image needs root (mmdebstrap --mode=root, chroot)")
@@ -343,7 +394,7 @@ def build(target: Target, out: Path, cache: Path, log: Log,
             "not exercised, on a machine without that hardware")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"image-{target.name}-", dir=cache))
-    ctx = Context(target, out, work, cache, log, signing_key)
+    ctx = Context(target, out, work, cache, log, signing_key, api_key=api_key)
     started = time.monotonic()
     try:
         for i, step in enumerate(STEPS, start=1):

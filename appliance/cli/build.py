@@ -29,8 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--out", type=Path, required=True, help="folder for the image and manifest")
     im.add_argument("--key", type=Path, help="publisher key for the preloaded bundle "
                     "(default: a new one, written beside the image)")
+    im.add_argument("--api-key-file", type=Path,
+                    help="the API key to bake in (default: a new one, written beside the image)")
     im.add_argument("--cache", type=Path, default=Path(".cache/image"),
                     help="built wheels and scratch space (default .cache/image)")
+    cmp = sub.add_parser("image-compare", help="list what differs between two image builds")
+    cmp.add_argument("a", type=Path)
+    cmp.add_argument("b", type=Path)
     return p
 
 
@@ -41,11 +46,17 @@ def _main(args: argparse.Namespace) -> int:
         print(f"private key: {args.out}.key (keep it off the devices)")
         print(f"public key:  {args.out}.pub (trust it with `appliance-ctl keys add`)")
         return 0
+    if args.command == "image-compare":
+        from appliance import image
+        for line in image.compare(args.a, args.b):
+            print(line)
+        return 0
     if args.command == "image":
         from appliance import image, target
         args.cache.mkdir(parents=True, exist_ok=True)
+        api_key = args.api_key_file.read_text().strip() if args.api_key_file else None
         built = image.build(target.load(args.target), args.out.resolve(), args.cache.resolve(),
-                            log, args.key)
+                            log, args.key, api_key)
         print(f"{built} ({built.stat().st_size >> 20} MiB)")
         return 0
     signers = [keys.load_private(k) for k in args.key]
