@@ -288,7 +288,8 @@ def make_disk(ctx: Context) -> None:
     # identifiers derived from the target and the build time, not random: two builds of the
     # same inputs can then be compared byte for byte
     ids = {part: uuid.uuid5(uuid.NAMESPACE_URL, f"appliance:{t.name}:{ctx.epoch}:{part}")
-           for part in ("disk", "root", "data", "root-seed", "data-seed")}
+           for part in ("disk", "root", "data", "root-seed", "data-seed", "esp-part",
+                        "root-part", "data-part")}
     serial = ids["disk"].hex[:8]
     files = [p.relative_to(esp).as_posix() for p in esp.rglob("*") if p.is_file()]
     entries = "\n".join(f'    file "{f}" {{ image = "esp/{f}" }}' for f in files)
@@ -316,9 +317,12 @@ image data.ext4 {{
 }}
 image {t.name}.img {{
   hdimage {{ partition-table-type = "gpt" disk-uuid = "{ids['disk']}" }}
-  partition esp {{ image = "esp.vfat" partition-type-uuid = "U" }}
-  partition root {{ image = "root.ext4" partition-type-uuid = "L" }}
-  partition data {{ image = "data.ext4" partition-type-uuid = "L" }}
+  partition esp {{ image = "esp.vfat" partition-type-uuid = "U"
+                   partition-uuid = "{ids['esp-part']}" }}
+  partition root {{ image = "root.ext4" partition-type-uuid = "L"
+                    partition-uuid = "{ids['root-part']}" }}
+  partition data {{ image = "data.ext4" partition-type-uuid = "L"
+                    partition-uuid = "{ids['data-part']}" }}
 }}
 """)
     with tempfile.TemporaryDirectory(dir=ctx.work) as tmp:
