@@ -252,11 +252,6 @@ class ChatEngine:
 
     # --- model facts --------------------------------------------------------------------------
 
-    def metadata(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(64 * 1024)
-        n = self._ll.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", "replace") if n >= 0 else None
-
     def chat_template(self) -> str | None:
         raw = self._ll.llama_model_chat_template(self._model, None)
         return raw.decode("utf-8", "replace") if raw else None
@@ -289,9 +284,6 @@ class ChatEngine:
             buf = ctypes.create_string_buffer(-n)
             n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
     def is_eog(self, token: int) -> bool:
         return bool(self._ll.llama_vocab_is_eog(self._vocab, token))
