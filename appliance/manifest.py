@@ -14,8 +14,6 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-import tomli_w
-
 from appliance.errors import FormatError
 from appliance.strict import Fields, load_toml
 
@@ -134,6 +132,8 @@ class Manifest:
         return sum(f.size for f in self.files)
 
     def to_toml(self) -> bytes:
+        import tomli_w  # host side only: the device parses manifests, never writes them
+
         doc: dict[str, Any] = {
             "format": self.format,
             "name": self.name,

@@ -104,3 +104,17 @@ def test_pinned_quantization() -> None:
     assert hardware.choose(p, EMBED, quantization="fp32").variant.quantization == "fp32"
     with pytest.raises(ValueError, match="no Q8_0 variant"):
         hardware.choose(p, EMBED, quantization="Q8_0")
+
+
+def test_recorded_h200_machine() -> None:
+    """Recorded with `python -m appliance.hardware` on a lent H200 machine whose Python had no
+    llama-cpp-python or CTranslate2: the GPU is seen, but no installed engine can use it."""
+    data = json.loads((PROBES / "x86-64-h200-recorded.json").read_text())
+    p = hardware.Probe.from_json(data)
+    assert p.gpus[0].name == "NVIDIA H200" and p.gpus[0].memory_mb > 100_000
+    chat = hardware.choose(p, CHAT)
+    assert chat.backend is mf.Backend.CPU and "no GPU offload" in chat.reason
+    data.update(llama_gpu_offload=True, ct2_cuda_devices=1)
+    with_engines = hardware.Probe.from_json(data)
+    assert hardware.choose(with_engines, BIG_CHAT).offload == 1.0
+    assert hardware.choose(with_engines, WHISPER).variant.quantization == "float16"
