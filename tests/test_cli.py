@@ -168,3 +168,34 @@ def test_recipe_symlink_in_model_folder_is_refused(tmp_path: Path) -> None:
                  "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"))
     assert result.returncode == FormatError.exit_code
     assert "symbolic link" in result.stderr
+
+
+def test_usb_import_takes_only_regular_bundle_files(tmp_path: Path) -> None:
+    """What the udev-started unit runs on a mounted stick: good bundles imported, bad ones
+    rejected (exit 1, reason on stderr), links and other files never touched."""
+    root = tmp_path / "root"
+    run("build", root, "keygen", "--out", str(tmp_path / "k"))
+    run("ctl", root, "keys", "add", str(tmp_path / "k.pub"))
+    built = run("build", root, "bundle", str(_recipe(tmp_path)), "--key", str(tmp_path / "k.key"),
+                "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"))
+    assert built.returncode == 0, built.stderr
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    (tmp_path / "out" / "tiny-3.bundle").rename(stick / "tiny-3.bundle")
+    (stick / "broken.bundle").write_bytes(b"not a bundle at all" * 100)
+    (stick / "link.bundle").symlink_to(stick / "tiny-3.bundle")
+    (stick / "run-me.sh").write_text("#!/bin/sh\ntouch /tmp/pwned\n")
+    result = run("ctl", root, "usb-import", "--dir", str(stick))
+    assert result.returncode == 1
+    assert "tiny-3.bundle: imported tiny sequence 3" in result.stdout
+    assert "broken.bundle: rejected" in result.stderr
+    assert "link.bundle" not in result.stdout + result.stderr
+    assert json.loads(run("ctl", root, "status", "--json").stdout)["bundles"][0]["active"] == 3
+    events = [json.loads(line)["result"] for line in run("ctl", root, "audit", "show").stdout
+              .splitlines() if json.loads(line)["event"] == "import"]
+    assert events == ["rejected", "ok"]  # broken.bundle sorts first
+
+
+def test_usb_import_needs_a_device_or_folder(tmp_path: Path) -> None:
+    result = run("ctl", tmp_path, "usb-import")
+    assert result.returncode == UsageError.exit_code and "error: give a block device" in result.stderr
