@@ -198,4 +198,5 @@ def test_usb_import_takes_only_regular_bundle_files(tmp_path: Path) -> None:
 
 def test_usb_import_needs_a_device_or_folder(tmp_path: Path) -> None:
     result = run("ctl", tmp_path, "usb-import")
-    assert result.returncode == UsageError.exit_code and "error: give a block device" in result.stderr
+    assert result.returncode == UsageError.exit_code
+    assert "error: give a block device" in result.stderr
