@@ -351,3 +351,30 @@ def test_survives_a_disconnect_storm(server: Server, client: openai.OpenAI) -> N
     r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, max_tokens=8)
     assert r.choices[0].message.content
     assert httpx.get(f"{server.base}/healthz").status_code == 200
+
+
+def test_slow_connection_flood_is_bounded(tmp_path: Path,
+                                          demo_bundles: tuple[Path, Path]) -> None:
+    """Connections that never finish their headers (slowloris) cannot pile up without bound:
+    past the limit (4 x max_queue, at least 64) new requests get 503 until they go away."""
+    import socket as socket_mod
+    srv = start_server(tmp_path / "root", demo_bundles, "[server]\nmax_queue = 2\n")
+    held: list[socket_mod.socket] = []
+    try:
+        for _ in range(70):
+            s = socket_mod.create_connection(("127.0.0.1", srv.port))
+            s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+            held.append(s)
+        time.sleep(0.5)
+        assert httpx.get(f"{srv.base}/healthz", timeout=10).status_code == 503
+        for s in held:
+            s.close()
+        held.clear()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{srv.base}/healthz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        for s in held:
+            s.close()
+        srv.stop()

@@ -247,8 +247,10 @@ def _serve(args: argparse.Namespace, layout: Layout) -> int:
         return report["status"] == "ok", f"{report['status']}: {engines or 'no models'}"
 
     notify.supervise(cfg.host, cfg.port, healthy)
+    # limit_concurrency: a flood of idle or slow connections gets 503s instead of memory
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, timeout_keep_alive=5,
+                limit_concurrency=max(64, cfg.max_queue * 4), server_header=False)
     return 0
 
 
