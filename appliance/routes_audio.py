@@ -158,7 +158,7 @@ async def _handle(request: Request, translate: bool) -> Response:
         model.engine.check(form.language, translate)
     except ApplianceError as exc:
         raise Unsupported("model" if translate else "language", exc.message) from None
-    waiting = request.app.state.__dict__.setdefault("audio_waiting", [0])
+    waiting: list[int] = request.app.state.audio_waiting  # one counter per app
     if waiting[0] >= runtime.settings.max_queue:
         raise ApiError(503, "the transcription queue is full; retry shortly", "server_error",
                        code="server_busy", headers={"Retry-After": "5"})

@@ -155,6 +155,7 @@ def create_app(runtime: Runtime, settings: Settings) -> Any:
                   redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
     app.state.settings = settings
+    app.state.audio_waiting = [0]  # transcriptions decoding or waiting for a core lane
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from appliance.engines.lanes import CoreLanes
 from appliance.engines.textstream import TextAssembler
 from appliance.errors import ApplianceError
@@ -572,7 +574,6 @@ class ChatEngine:
         sampler chain would first copy all 262k candidates of a large vocabulary (0.2 ms)."""
         if not seq.greedy:
             return int(self._ll.llama_sampler_sample(seq.sampler, self._ctx, idx))
-        import numpy as np
         row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, idx),
                                     shape=(self.n_vocab,))
         bias = seq.req.sampling.logit_bias
@@ -644,7 +645,6 @@ def _lookup(history: list[int], most: int, room: int, ngram: int = 3) -> list[in
 
 def _logprobs(logits_ptr: Any, n_vocab: int, token: int,
               top_n: int) -> tuple[float, list[tuple[int, float]]]:
-    import numpy as np
     logits = np.ctypeslib.as_array(logits_ptr, shape=(n_vocab,)).astype(np.float64)
     peak = logits.max()
     lse = peak + np.log(np.exp(logits - peak).sum())
