@@ -9,102 +9,26 @@ Every external tool goes through `run()`, which names the step and the tool when
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from appliance import bundle as bundle_mod
-from appliance import keys
-from appliance.errors import ApplianceError, UsageError
+from appliance import imagewheels, jetsonflash, keys
+from appliance.errors import UsageError
+from appliance.imagectx import PROJECT, Context, ImageError, Log, need, run
 from appliance.install import import_bundle
 from appliance.server import hash_key
 from appliance.store import Layout
 from appliance.target import Architecture, ImageFormat, Stack, Target
-
-Log = Callable[[str], None]
-PROJECT = Path(__file__).resolve().parent.parent
-LLAMA_VERSION = "0.3.36"
-TOOLS = {  # binary -> Debian package
-    "mmdebstrap": "mmdebstrap", "genimage": "genimage", "mke2fs": "e2fsprogs",
-    "mkdosfs": "dosfstools", "mcopy": "mtools", "systemctl": "systemd",
-    "systemd-sysusers": "systemd",
-}
-
-
-class ImageError(ApplianceError):
-    exit_code = 9
-
-
-@dataclass
-class Context:
-    target: Target
-    out: Path
-    work: Path
-    cache: Path
-    log: Log
-    signing_key: Path | None
-    epoch: int = field(default_factory=lambda: int(os.environ.get("SOURCE_DATE_EPOCH")
-                                                   or time.time()))
-    step: str = ""
-    api_key: str | None = None
-    bundle: Path | None = None
-    trust_pub: Path | None = None
-    inputs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tree(self) -> Path:
-        return self.work / "tree"
-
-    @property
-    def wheels(self) -> Path:
-        return self.work / "wheels"
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        raise ImageError(f"the image builder needs {tool}",
-                         hint=f"apt-get install {TOOLS.get(tool, tool)}")
-    return path
-
-
-def run(ctx: Context, *args: str | Path, env: dict[str, str] | None = None,
-        cwd: Path | None = None) -> str:
-    """Run a tool; on failure raise ImageError naming the step, the tool and its last lines."""
-    cmd = [str(a) for a in args]
-    # every tool sees the build's fixed time (mmdebstrap, pip's .pyc files, tar, genimage)
-    fixed = {"SOURCE_DATE_EPOCH": str(ctx.epoch), "E2FSPROGS_FAKE_TIME": str(ctx.epoch)}
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd,
-                            env={**os.environ, **fixed, **(env or {})})
-    (ctx.work / "log").mkdir(exist_ok=True)
-    with (ctx.work / "log" / f"{ctx.step}.log").open("a") as f:
-        f.write(f"$ {' '.join(cmd)}\n{result.stdout}\n{result.stderr}\n")
-    if result.returncode != 0:
-        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-8:])
-        raise ImageError(f"step {ctx.step}: {Path(cmd[0]).name} failed ({result.returncode}):"
-                         f"\n{tail}", hint=f"full log: {ctx.work / 'log' / ctx.step}.log")
-    return result.stdout
-
-
-def wheel_cache() -> Path:
-    """pip's cache folder (kept across clones, so CI reuses the slow llama.cpp builds)."""
-    out = subprocess.run([sys.executable, "-m", "pip", "cache", "dir"], capture_output=True,
-                         text=True)
-    base = Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else (
-        PROJECT / ".cache")
-    return base / "appliance-wheels"
-
 
 # --- steps ----------------------------------------------------------------------------------
 
@@ -116,41 +40,58 @@ def check_host(ctx: Context) -> None:
     if t.format is ImageFormat.DISK:
         for tool in ("genimage", "mke2fs", "mkdosfs", "mcopy"):
             need(tool)
-    for tool in t.host_tools:
-        if shutil.which(tool) is None:
+    if ctx.llama_wheel is None:  # the host tools build llama.cpp; a given wheel needs none
+        for tool in t.host_tools:
+            if shutil.which(tool) is None:
+                raise ImageError(
+                    f"target {t.name} builds llama.cpp with {t.stack.value}, which needs {tool} "
+                    "on the build host",
+                    hint="install NVIDIA's CUDA toolkit, or pass --llama-wheel with a wheel "
+                         "built on the device")
+        cuda = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+        if t.stack is Stack.CUDA and not (cuda / "include" / "cublas_v2.h").exists():
+            # llama.cpp's CUDA backend links cuBLAS; nvcc alone is not enough
             raise ImageError(
-                f"target {t.name} builds llama.cpp with {t.stack.value}, which needs {tool} "
-                "on the build host", hint="install NVIDIA's CUDA toolkit, or build x86_64-cpu")
+                f"target {t.name} builds llama.cpp with CUDA, which needs cuBLAS headers "
+                f"({cuda / 'include' / 'cublas_v2.h'} is missing)",
+                hint="install the CUDA toolkit's libraries (cuda-libraries-dev-12-x, or set "
+                     "CUDA_HOME), or pass --llama-wheel with a CUDA wheel built elsewhere")
+        if t.stack is not Stack.CPU and t.architecture.uname() != os.uname().machine:
+            cross = cuda / "targets" / f"{t.architecture.uname()}-linux"
+            if not cross.is_dir():
+                raise ImageError(
+                    f"target {t.name} cross-compiles llama.cpp with CUDA for "
+                    f"{t.architecture}, which needs the CUDA cross target {cross}",
+                    hint="install NVIDIA's cuda-cross-aarch64 for the device's CUDA release, or "
+                         "pass --llama-wheel with a wheel built on the device")
     if t.architecture.uname() != os.uname().machine:
-        raise ImageError(f"target {t.name} is {t.architecture.value}; building it on "
-                         f"{os.uname().machine} needs qemu-user emulation, not set up here",
-                         hint="build it on an arm64 host, or add binfmt_misc + qemu-user-static")
+        enable_emulation(t.architecture.uname())
+
+
+def enable_emulation(machine: str) -> None:
+    """Foreign trees run their package scripts through qemu-user: binfmt_misc must be mounted
+    and qemu-<machine> registered with the F flag (the interpreter is opened once, so chroots
+    need no copy of it)."""
+    need(f"qemu-{machine}-static")
+    need("update-binfmts")
+    binfmt = Path("/proc/sys/fs/binfmt_misc")
+    if not (binfmt / "status").exists():
+        result = subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ImageError(f"cannot mount binfmt_misc: {result.stderr.strip()}",
+                             hint="run the build as root on a host (or privileged container) "
+                                  "that may mount binfmt_misc")
+    entry = binfmt / f"qemu-{machine}"
+    if not entry.exists() or not entry.read_text().startswith("enabled"):
+        subprocess.run(["update-binfmts", "--enable", f"qemu-{machine}"], capture_output=True)
+    if not entry.exists() or not entry.read_text().startswith("enabled"):
+        raise ImageError(f"qemu-{machine} is not registered with binfmt_misc",
+                         hint="apt-get install qemu-user-static binfmt-support")
 
 
 def build_wheels(ctx: Context) -> None:
-    """The appliance and every dependency as wheels for the image's Python, plus a
-    llama-cpp-python wheel built with the target's flags (cached by those flags)."""
-    ctx.wheels.mkdir(parents=True)
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    run(ctx, *pip, "wheel", "-q", "-w", ctx.wheels, PROJECT)
-    flags = " ".join(ctx.target.llama_cmake_args)
-    key = hashlib.sha256(f"{LLAMA_VERSION} {flags}".encode()).hexdigest()[:12]
-    cached = wheel_cache() / f"llama-image-{LLAMA_VERSION}-{key}"
-    if not list(cached.glob("llama_cpp_python-*.whl")):
-        ctx.log(f"  building llama-cpp-python {LLAMA_VERSION} for {ctx.target.name} "
-                "(about 5 minutes, once)")
-        tmp = cached.with_name(key + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        # --no-cache-dir: pip's wheel cache is keyed by the sdist, not by CMAKE_ARGS, and would
-        # hand back a wheel built for another CPU
-        run(ctx, *pip, "wheel", "-q", "--no-cache-dir", "--no-deps", "--no-binary",
-            "llama-cpp-python", "-w", tmp,
-            f"llama-cpp-python=={LLAMA_VERSION}", env={"CMAKE_ARGS": flags})
-        tmp.rename(cached)
-    for wheel in cached.glob("*.whl"):
-        shutil.copy(wheel, ctx.wheels)
-        run(ctx, *pip, "wheel", "-q", "-w", ctx.wheels, ctx.wheels / wheel.name)  # its deps
-    ctx.inputs["wheels"] = sorted(w.name for w in ctx.wheels.glob("*.whl"))
+    ctx.inputs["wheels"] = imagewheels.collect(ctx)
 
 
 def build_bundle(ctx: Context) -> None:
@@ -170,14 +111,36 @@ def build_bundle(ctx: Context) -> None:
         ctx.inputs["bundle"] = ctx.bundle.name
 
 
+# The initramfs is built once, after every package is in: the kernel's postinst and the
+# initramfs-tools trigger would each build it (five minutes apiece under qemu-user for arm64).
+INITRAMFS_OFF = ('chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs'
+                 ' && printf "#!/bin/sh\\nexit 0\\n" > "$1/usr/sbin/update-initramfs"'
+                 ' && chmod 755 "$1/usr/sbin/update-initramfs"')
+INITRAMFS_ONCE = ('rm -f "$1/usr/sbin/update-initramfs"'
+                  ' && chroot "$1" dpkg-divert --quiet --local --rename --remove'
+                  ' /usr/sbin/update-initramfs'
+                  ' && if [ -x "$1/usr/sbin/update-initramfs" ] && [ -d "$1/lib/modules" ];'
+                  ' then chroot "$1" update-initramfs -c -k all; fi')
+
+
 def install_base_tree(ctx: Context) -> None:
     t = ctx.target
     ctx.log(f"  {t.distribution} {t.release} {t.architecture.value}, {len(t.packages)} packages")
+    packages = [*t.packages, t.python, f"{t.python}-venv"]
+    if t.ssh_keys:
+        packages.append("openssh-server")
+    if t.mdns:
+        packages.append("systemd-resolved")
+    # marker files exist before the first package installs, and go once all are in
+    removals = [f'rm -f "$1{m}"' for m in t.marker_files]
     run(ctx, "mmdebstrap", "--mode=root", "--variant=apt", f"--architectures={t.architecture}",
-        f"--components={','.join(t.components)}", f"--include={','.join(t.packages)}",
+        f"--components={','.join(t.components)}", f"--include={','.join(packages)}",
+        *ctx.mirror_options, *[f"--setup-hook={hook}" for hook in ctx.setup_hooks],
+        f"--essential-hook={INITRAMFS_OFF}", f"--customize-hook={INITRAMFS_ONCE}",
         "--customize-hook=chroot \"$1\" apt-get clean",
         "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/*",
-        t.release, ctx.tree, t.mirror)
+        *[f"--customize-hook={hook}" for hook in removals],
+        t.release, ctx.tree, *ctx.mirrors)
     versions = run(ctx, "chroot", ctx.tree, "dpkg-query", "-W", "-f", "${Package} ${Version}\n")
     ctx.inputs["packages"] = versions.strip().splitlines()
 
@@ -186,7 +149,7 @@ def install_python_env(ctx: Context) -> None:
     """A venv with the image's own python3, installed only from the wheels built above."""
     staged = ctx.tree / "tmp" / "wheels"
     shutil.copytree(ctx.wheels, staged)
-    run(ctx, "chroot", ctx.tree, "python3", "-m", "venv", "/opt/appliance/venv")
+    run(ctx, "chroot", ctx.tree, ctx.target.python, "-m", "venv", "/opt/appliance/venv")
     run(ctx, "chroot", ctx.tree, "/opt/appliance/venv/bin/pip", "install", "-q", "--no-index",
         "--find-links", "/tmp/wheels", "appliance", "llama-cpp-python",
         env={"PIP_CONFIG_FILE": "/dev/null", "PIP_FIND_LINKS": "", "PIP_CONSTRAINT": ""})
@@ -213,25 +176,61 @@ def install_units(ctx: Context) -> None:
     run(ctx, "systemd-sysusers", f"--root={tree}")
     run(ctx, "systemd-tmpfiles", f"--root={tree}", "--create",
         tree / "usr/lib/tmpfiles.d/appliance.conf")
-    network = tree / "etc/systemd/network/20-lan.network"
-    network.write_text("[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\nLinkLocalAddressing=yes\n")
-    (tree / "etc/hostname").write_text(ctx.target.hostname + "\n")
     (tree / "etc/machine-id").write_text("")  # systemd makes a transient one on a read-only root
-    (tree / "etc/fstab").write_text(
-        "LABEL=appliance-root / ext4 ro,errors=remount-ro 0 1\n"
-        "LABEL=appliance-data /var/lib/appliance ext4 defaults,nosuid,nodev,noexec 0 2\n"
-        "tmpfs /tmp tmpfs nosuid,nodev,mode=1777 0 0\n"
-        "tmpfs /var/tmp tmpfs nosuid,nodev,mode=1777 0 0\n"
-        "tmpfs /var/log tmpfs nosuid,nodev,mode=0755 0 0\n"
-        "tmpfs /var/lib/systemd tmpfs nosuid,nodev,mode=0755 0 0\n")
+    tmpfs = "tmpfs /tmp tmpfs nosuid,nodev,mode=1777 0 0\n"
+    if ctx.target.format is ImageFormat.ROOTFS:
+        # the vendor's flash tools lay out the partitions and mount the root read-write
+        (tree / "etc/fstab").write_text(tmpfs)
+    else:
+        (tree / "etc/fstab").write_text(
+            "LABEL=appliance-root / ext4 ro,errors=remount-ro 0 1\n"
+            "LABEL=appliance-data /var/lib/appliance ext4 defaults,nosuid,nodev,noexec 0 2\n"
+            + tmpfs +
+            "tmpfs /var/tmp tmpfs nosuid,nodev,mode=1777 0 0\n"
+            "tmpfs /var/log tmpfs nosuid,nodev,mode=0755 0 0\n"
+            "tmpfs /var/lib/systemd tmpfs nosuid,nodev,mode=0755 0 0\n")
     run(ctx, "systemctl", f"--root={tree}", "enable", "appliance.service",
         "appliance-console-status.service", "systemd-networkd.service")
     run(ctx, "systemctl", f"--root={tree}", "mask", "systemd-firstboot.service",
         "systemd-networkd-wait-online.service")
     run(ctx, "chroot", tree, "passwd", "--lock", "root")
-    if ctx.target.ssh_keys:
-        raise ImageError("ssh_authorized_keys is set, but this builder does not install an SSH "
-                         "server yet", hint="remove the keys from the target")
+
+
+def install_network(ctx: Context) -> None:
+    """DHCP with a link-local fallback on every wired port; the name <hostname>.local answered
+    over mDNS by systemd-resolved when the target asks for it (nothing else is resolved)."""
+    t, tree = ctx.target, ctx.tree
+    mdns = "MulticastDNS=yes\n" if t.mdns else ""
+    (tree / "etc/systemd/network/20-lan.network").write_text(
+        f"[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\nLinkLocalAddressing=yes\n{mdns}")
+    (tree / "etc/hostname").write_text(t.hostname + "\n")
+    if t.mdns:
+        conf = tree / "etc/systemd/resolved.conf.d"
+        conf.mkdir(parents=True, exist_ok=True)
+        (conf / "appliance.conf").write_text("[Resolve]\nMulticastDNS=yes\nLLMNR=no\n")
+        run(ctx, "systemctl", f"--root={tree}", "enable", "systemd-resolved.service")
+
+
+def install_ssh(ctx: Context) -> None:
+    """Only with ssh_authorized_keys: root logs in with those keys and nothing else; the host
+    key is made on each device's first boot (appliance-ssh-hostkey.service)."""
+    t, tree = ctx.target, ctx.tree
+    if not t.ssh_keys:
+        return
+    ssh = tree / "root/.ssh"
+    ssh.mkdir(mode=0o700, exist_ok=True)
+    (ssh / "authorized_keys").write_text("".join(k + "\n" for k in t.ssh_keys))
+    (ssh / "authorized_keys").chmod(0o600)
+    for key in (tree / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()  # the package made these at install time: one set for every device
+    (tree / "etc/ssh/sshd_config.d/appliance.conf").write_text(
+        "HostKey /var/lib/appliance/ssh/ssh_host_ed25519_key\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nAllowUsers root\nX11Forwarding no\n")
+    shutil.copy(PROJECT / "systemd/appliance-ssh-hostkey.service",
+                tree / "etc/systemd/system/appliance-ssh-hostkey.service")
+    run(ctx, "systemctl", f"--root={tree}", "enable", "appliance-ssh-hostkey.service",
+        "ssh.service")
 
 
 def install_config(ctx: Context) -> None:
@@ -263,8 +262,12 @@ def make_disk(ctx: Context) -> None:
     """GPT disk: ESP (systemd-boot, kernel, initrd), read-only root, data partition."""
     t = ctx.target
     if t.format is ImageFormat.ROOTFS:
+        clamp_mtimes(ctx.tree, ctx.epoch)
+        list_tree(ctx)
         run(ctx, "tar", "--sort=name", f"--mtime=@{ctx.epoch}", "--numeric-owner", "-C",
             ctx.tree, "-cf", ctx.out / f"{t.name}.tar", ".")
+        if t.stack is Stack.JETSON:
+            write_flash_kit(ctx)
         return
     esp = ctx.work / "esp"
     (esp / "EFI/BOOT").mkdir(parents=True)
@@ -275,7 +278,10 @@ def make_disk(ctx: Context) -> None:
                 esp / "EFI/BOOT" / efi_name)
     kernel = sorted((ctx.tree / "boot").glob("vmlinuz-*"))[-1]
     initrd = sorted((ctx.tree / "boot").glob("initrd.img-*"))[-1]
-    shutil.copy(kernel, esp / "vmlinuz")
+    image = kernel.read_bytes()
+    if image[:2] == b"\x1f\x8b":  # arm64 kernels ship gzipped; the EFI stub needs the Image
+        image = gzip.decompress(image)
+    (esp / "vmlinuz").write_bytes(image)
     shutil.copy(initrd, esp / "initrd.img")
     console = "ttyS0" if t.architecture is Architecture.AMD64 else "ttyAMA0"
     (esp / "loader/loader.conf").write_text("default appliance.conf\ntimeout 0\n")
@@ -332,6 +338,21 @@ image {t.name}.img {{
         (ctx.out / part).unlink(missing_ok=True)
 
 
+def write_flash_kit(ctx: Context) -> None:
+    """NAME-flash.sh (drives NVIDIA's tools on the owner's host) and NAME-README.txt."""
+    t = ctx.target
+    assert t.board is not None
+    script = ctx.out / f"{t.name}-flash.sh"
+    script.write_text(jetsonflash.flash_script(artifact=f"{t.name}.tar", board=t.board,
+                                               flash_target=t.flash_target or "internal",
+                                               name=t.name))
+    script.chmod(0o755)
+    (ctx.out / f"{t.name}-README.txt").write_text(
+        f"{t.description}\n\nsudo ./{t.name}-flash.sh /path/to/Linux_for_Tegra\n\n"
+        + jetsonflash.OWNER_INPUTS)
+    ctx.log(jetsonflash.OWNER_INPUTS.rstrip())
+
+
 def clamp_mtimes(folder: Path, epoch: int) -> None:
     """No file newer than the build time: file systems record mtimes (reproducible builds)."""
     for path in [folder, *folder.rglob("*")]:
@@ -384,12 +405,14 @@ def write_manifest(ctx: Context) -> None:
     (ctx.out / f"{t.name}.manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-STEPS = [check_host, build_wheels, build_bundle, install_base_tree, install_python_env,
-         install_units, install_config, preload_bundle, make_disk, write_manifest]
+STEPS = [check_host, build_bundle, install_base_tree, build_wheels, install_python_env,
+         install_units, install_network, install_ssh, install_config, preload_bundle, make_disk,
+         write_manifest]
 
 
 def build(target: Target, out: Path, cache: Path, log: Log,
-          signing_key: Path | None = None, api_key: str | None = None) -> Path:
+          signing_key: Path | None = None, api_key: str | None = None,
+          llama_wheel: Path | None = None) -> Path:
     """Run every step for `target`; return the image (or rootfs tarball)."""
     if os.geteuid() != 0:
         raise UsageError("building an image needs root (mmdebstrap --mode=root, chroot)")
@@ -398,7 +421,8 @@ def build(target: Target, out: Path, cache: Path, log: Log,
             "not exercised, on a machine without that hardware")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"image-{target.name}-", dir=cache))
-    ctx = Context(target, out, work, cache, log, signing_key, api_key=api_key)
+    ctx = Context(target, out, work, cache, log, signing_key, api_key=api_key,
+                  llama_wheel=llama_wheel)
     started = time.monotonic()
     try:
         for i, step in enumerate(STEPS, start=1):

@@ -58,6 +58,7 @@ class Target:
     components: tuple[str, ...]
     extra_repositories: tuple[str, ...]
     packages: tuple[str, ...]
+    python: str
     stack: Stack
     devices: tuple[str, ...]
     marker_files: tuple[str, ...]
@@ -73,6 +74,7 @@ class Target:
     listen: str
     port: int
     ssh_keys: tuple[str, ...]
+    mdns: bool
     preload: str | None
     path: Path
 
@@ -115,6 +117,9 @@ def parse(data: bytes, path: Path) -> Target:
         components=tuple(base.strings("components", required=False) or ["main"]),
         extra_repositories=tuple(base.strings("extra_repositories", required=False)),
         packages=tuple(base.strings("packages", pattern=PACKAGE)),
+        # the interpreter of the venv; the builder adds it and its -venv package
+        python=base.string("python", required=False, default="python3.11",
+                           pattern=re.compile(r"python3\.\d{1,2}")) or "python3.11",
         stack=acc.choice("stack", Stack),
         devices=tuple(acc.strings("devices", required=False,
                                   pattern=re.compile(r"/dev/[A-Za-z0-9/_.-]+"))),
@@ -133,13 +138,14 @@ def parse(data: bytes, path: Path) -> Target:
                               default=0) or 0,
         board=image.string("board", required=fmt is ImageFormat.ROOTFS),
         flash_target=image.string("flash_target", required=False,
-                                  pattern=re.compile(r"internal|external|sdcard")),
+                                  pattern=re.compile(r"internal|nvme|sdcard")),
         hostname=system.req_string("hostname", pattern=re.compile(r"[a-z0-9][a-z0-9-]{0,62}")),
         listen=system.req_string("listen"),
         port=system.req_integer("port", lo=1, hi=65535),
         ssh_keys=tuple(system.strings("ssh_authorized_keys", required=False,
                                       pattern=re.compile(r"(ssh|ecdsa)-[a-z0-9-]+ [A-Za-z0-9+/=]+"
                                                          r"( \S+)?"))),
+        mdns=system.boolean("mdns", default=False),
         preload=bundle.string("preload", required=False),
         path=path,
     )

@@ -1,13 +1,16 @@
-"""Boot test: the built x86_64-cpu image boots under qemu (software emulation), its service
+"""Boot test: the built image (x86_64-cpu, or arm64 with IMAGE_TARGET=arm64) boots under qemu
+(software emulation), its service
 becomes ready, the official OpenAI client gets models, a chat, an embedding and a transcription
 through a loopback port forward, the status appears on the serial console, and the guest opens
 no connection of its own (checked in a capture of its network traffic).
 
-    make image-test        (builds the image first when it is missing)
+    make image-test [TARGET=arm64]        (builds the image first)
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import shutil
 import struct
 import subprocess
@@ -21,33 +24,39 @@ import pytest
 from conftest import PROJECT, free_port
 
 pytestmark = pytest.mark.image
-IMAGE = PROJECT / "out" / "image" / "x86_64-cpu.img"
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-READY_TIMEOUT = 1500  # seconds; Python and three engines start slowly under TCG
-GUEST = bytes([10, 0, 2, 15])  # qemu user networking's guest address
+TARGET = os.environ.get("IMAGE_TARGET", "x86_64-cpu")
+IMAGE = PROJECT / "out" / "image" / f"{TARGET}.img"
+MACHINES = {  # qemu binary, machine, UEFI firmware code + variables (Debian's OVMF and AAVMF)
+    "x86_64-cpu": ("qemu-system-x86_64", "q35", Path("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+                   Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),
+    "arm64": ("qemu-system-aarch64", "virt", Path("/usr/share/AAVMF/AAVMF_CODE.fd"),
+              Path("/usr/share/AAVMF/AAVMF_VARS.fd")),
+}
+READY_TIMEOUT = 2400  # seconds; Python and three engines start slowly under TCG
+GUEST_MAC = bytes.fromhex("525400123456")
 
 
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path, Path]]:
     if not IMAGE.exists():
-        pytest.fail(f"{IMAGE} is missing: run `make image TARGET=x86_64-cpu` first")
+        pytest.fail(f"{IMAGE} is missing: run `make image TARGET={TARGET}` first")
+    qemu_binary, machine, firmware, variables = MACHINES[TARGET]
     work = tmp_path_factory.mktemp("boot")
     vars_fd = work / "vars.fd"
-    shutil.copy(OVMF_VARS, vars_fd)
+    shutil.copy(variables, vars_fd)
     port = free_port()
     serial, pcap = work / "serial.log", work / "net.pcap"
     started = time.monotonic()
     qemu = subprocess.Popen([
-        "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2",
+        qemu_binary, "-machine", machine, "-accel", "tcg", "-cpu", "max", "-smp", "2",
         "-m", "3072", "-snapshot", "-no-reboot", "-display", "none", "-monitor", "none",
         "-serial", f"file:{serial}",
-        "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,readonly=on,file={firmware}",
         "-drive", f"if=pflash,format=raw,file={vars_fd}",
         "-drive", f"file={IMAGE},format=raw,if=virtio",
         # restrict=on: the guest reaches nothing, only the forwarded port reaches it
         "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:8080",
-        "-device", "virtio-net-pci,netdev=n0",
+        "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC.hex(':')}",
         "-object", f"filter-dump,id=d0,netdev=n0,file={pcap}",
     ])
     base = f"http://127.0.0.1:{port}"
@@ -63,7 +72,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, 
         else:
             raise AssertionError("not ready: " + serial.read_text(errors="replace")[-3000:])
         print(f"boot to ready: {time.monotonic() - started:.0f} s")
-        key = (IMAGE.parent / "x86_64-cpu.api-key").read_text().strip()
+        key = (IMAGE.parent / f"{TARGET}.api-key").read_text().strip()
         yield base, key, serial, pcap
     finally:
         qemu.terminate()
@@ -105,27 +114,41 @@ def test_status_on_the_console(guest: tuple[str, str, Path, Path]) -> None:
     assert "bundle demo: active 1" in log and "health ok" in log, log[-3000:]
 
 
-def _guest_initiated(pcap: Path) -> list[str]:
-    """Connections the guest started: TCP SYN without ACK, or UDP other than DHCP."""
+MDNS = ("224.0.0.251", "ff02::fb")
+
+
+def _guest_traffic(pcap: Path) -> tuple[list[str], int]:
+    """Connections the guest started (TCP SYN without ACK; UDP other than DHCP, DHCPv6 and
+    mDNS to its multicast group), over IPv4 and IPv6; and how many mDNS packets it sent."""
     data = pcap.read_bytes()
-    found, pos = [], 24  # pcap global header
+    found, mdns, pos = [], 0, 24  # pcap global header
     while pos + 16 <= len(data):
         incl = struct.unpack("<I", data[pos + 8:pos + 12])[0]
         frame = data[pos + 16:pos + 16 + incl]
         pos += 16 + incl
-        if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[26:30] != GUEST:
+        if frame[6:12] != GUEST_MAC:
             continue
-        ihl = (frame[14] & 0x0F) * 4
-        proto, dst = frame[23], ".".join(str(b) for b in frame[30:34])
-        l4 = frame[14 + ihl:]
+        if frame[12:14] == b"\x08\x00" and len(frame) >= 34:
+            ihl = (frame[14] & 0x0F) * 4
+            proto, dst, l4 = frame[23], str(ipaddress.IPv4Address(frame[30:34])), frame[14 + ihl:]
+        elif frame[12:14] == b"\x86\xdd" and len(frame) >= 54:
+            proto, dst, l4 = frame[20], str(ipaddress.IPv6Address(frame[38:54])), frame[54:]
+        else:
+            continue
         if proto == 6 and len(l4) >= 14 and l4[13] & 0x02 and not l4[13] & 0x10:
             found.append(f"tcp to {dst}:{struct.unpack('>H', l4[2:4])[0]}")
-        elif proto == 17 and len(l4) >= 4 and struct.unpack(">H", l4[2:4])[0] not in (67,):
-            found.append(f"udp to {dst}:{struct.unpack('>H', l4[2:4])[0]}")
-    return found
+        elif proto == 17 and len(l4) >= 4:
+            port = struct.unpack(">H", l4[2:4])[0]
+            if port == 5353 and dst in MDNS:
+                mdns += 1
+            elif port not in (67, 547):
+                found.append(f"udp to {dst}:{port}")
+    return found, mdns
 
 
 def test_guest_opens_no_connection(guest: tuple[str, str, Path, Path]) -> None:
     *_, pcap = guest
     assert pcap.stat().st_size > 24
-    assert _guest_initiated(pcap) == []
+    found, mdns = _guest_traffic(pcap)
+    assert found == []
+    assert mdns > 0  # systemd-resolved announced appliance.local on the LAN

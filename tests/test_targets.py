@@ -17,7 +17,7 @@ NAMES = ["x86_64-cpu", "x86_64-cuda", "arm64", "jetson"]
 def test_shipped_targets_parse(name: str) -> None:
     t = tg.load(name)
     assert t.name == name and t.packages and t.llama_cmake_args
-    assert "systemd" in t.packages and "python3-venv" in t.packages
+    assert "systemd" in t.packages and t.python == "python3.11"
     if t.format is tg.ImageFormat.DISK:
         assert t.esp_mb >= tg.MIN_ESP_MB
 
@@ -30,6 +30,8 @@ def test_target_facts() -> None:
     assert jetson.marker_files == (
         "/opt/nvidia/l4t-packages/.nv-l4t-disable-boot-fw-update-in-preinstall",)
     assert tg.Architecture.ARM64.qemu_system() == "qemu-system-aarch64"
+    assert jetson.flash_target == "nvme" and jetson.board == "jetson-orin-nano-devkit"
+    assert all(tg.load(n).mdns for n in NAMES) and not any(tg.load(n).ssh_keys for n in NAMES)
 
 
 def test_unknown_target() -> None:
@@ -55,6 +57,11 @@ def _variant(tmp_path: Path, old: str, new: str) -> None:
     ('"libgomp1"]', '"libgomp1", "evil; rm -rf /"]', "packages[11]"),
     ('"-DGGML_NATIVE=OFF"', '"-DGGML_NATIVE=OFF; curl x"', "cmake_args[0]"),
     ('name = "x86_64-cpu"', 'name = "other"', "but the file is x86_64-cpu.toml"),
+    ("mdns = true", 'mdns = "yes"', "mdns must be"),
+    ("ssh_authorized_keys = []",
+     'ssh_authorized_keys = ["ssh-ed25519 AAAA x\\nPermitRootLogin yes"]',
+     "ssh_authorized_keys[0]"),
+    ('[base]', '[base]\npython = "python3.11; true"', "python"),
 ])
 def test_malformed_target(tmp_path: Path, old: str, new: str, message: str) -> None:
     _variant(tmp_path, old, new)

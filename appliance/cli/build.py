@@ -8,6 +8,7 @@ from pathlib import Path
 
 from appliance import bundle, keys
 from appliance.cli.common import log, run
+from appliance.errors import UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="the API key to bake in (default: a new one, written beside the image)")
     im.add_argument("--cache", type=Path, default=Path(".cache/image"),
                     help="built wheels and scratch space (default .cache/image)")
+    im.add_argument("--targets", type=Path, default=None,
+                    help="folder of target files (default build/targets); a copy with your "
+                    "own mirrors is how an offline build host points at its mirror")
+    im.add_argument("--llama-wheel", type=Path, default=None,
+                    help="a llama-cpp-python wheel built elsewhere (e.g. on a Jetson), "
+                    "installed instead of building one")
     cmp = sub.add_parser("image-compare", help="list what differs between two image builds")
     cmp.add_argument("a", type=Path)
     cmp.add_argument("b", type=Path)
@@ -55,8 +62,12 @@ def _main(args: argparse.Namespace) -> int:
         from appliance import image, target
         args.cache.mkdir(parents=True, exist_ok=True)
         api_key = args.api_key_file.read_text().strip() if args.api_key_file else None
-        built = image.build(target.load(args.target), args.out.resolve(), args.cache.resolve(),
-                            log, args.key, api_key)
+        folder = args.targets.resolve() if args.targets else target.TARGETS
+        wheel = args.llama_wheel.resolve() if args.llama_wheel else None
+        if wheel is not None and not wheel.is_file():
+            raise UsageError(f"--llama-wheel {args.llama_wheel}: no such file")
+        built = image.build(target.load(args.target, folder), args.out.resolve(),
+                            args.cache.resolve(), log, args.key, api_key, llama_wheel=wheel)
         print(f"{built} ({built.stat().st_size >> 20} MiB)")
         return 0
     signers = [keys.load_private(k) for k in args.key]
