@@ -168,7 +168,9 @@ def install_units(ctx: Context) -> None:
         dropin = system / "appliance.service.d"
         dropin.mkdir()
         allow = "\n".join(f"DeviceAllow={d} rw" for d in ctx.target.devices)
-        (dropin / "gpu.conf").write_text(f"[Service]\nPrivateDevices=no\n{allow}\n")
+        # the GPU nodes belong to the video group on Jetson (root:video 0660)
+        (dropin / "gpu.conf").write_text(
+            f"[Service]\nPrivateDevices=no\nSupplementaryGroups=video\n{allow}\n")
     shutil.copy(units / "90-appliance-usb.rules", tree / "etc/udev/rules.d/")
     shutil.copy(units / "appliance.sysusers", tree / "usr/lib/sysusers.d/appliance.conf")
     shutil.copy(units / "appliance.tmpfiles", tree / "usr/lib/tmpfiles.d/appliance.conf")

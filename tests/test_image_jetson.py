@@ -121,6 +121,7 @@ def test_rootfs_carries_our_layer_and_the_l4t_packages(built: Path) -> None:
         assert path in names, path
     assert "." + MARKER not in names  # gone once the packages are in
     assert any(n.startswith("./var/lib/appliance/store/") for n in names)
+    assert "SupplementaryGroups=video" in allow
     for node in ("/dev/nvmap", "/dev/nvhost-ctrl-gpu", "/dev/nvgpu/igpu0"):
         assert f"DeviceAllow={node} rw" in allow
 
