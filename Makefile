@@ -71,10 +71,13 @@ venv: apt llama-wheel
 	  echo "$$stamp" > $(VENV)/.stamp; \
 	fi
 
-# Everything: unit, models and API tests, then the x86_64-cpu image built and booted under qemu.
+# Everything: unit, models and API tests, then the x86_64-cpu image built and booted under qemu,
+# then the Jetson flow (arm64 through qemu-user) against dummy L4T packages. The arm64 disk's
+# own boot test (`make image-test TARGET=arm64`, about 15 minutes) is left out of it.
 test: venv
 	$(PY) -m pytest -m 'not image' -q
 	$(MAKE) image-test TARGET=x86_64-cpu
+	$(MAKE) image-test TARGET=jetson
 
 test-fast: venv
 	$(PY) -m pytest -q
