@@ -133,6 +133,28 @@ def test_prefix_cache_reuses_a_shared_system_prompt(smollm_gguf: Path) -> None:
         warm.close()
 
 
+def test_concurrent_requests_share_a_prefix_in_flight(smollm_gguf: Path) -> None:
+    """Four users send the same long system prompt at once: it is prefilled once, the other
+    three wait for that prefill and copy its KV instead of computing it again."""
+    system = "You are the assistant of an offline appliance. " * 12
+    questions = ["What is the capital of France?", "Name three fruits.", "What is a bundle?",
+                 "Say hello."]
+    eng = ChatEngine(smollm_gguf, EngineConfig(parallel=4, ctx_per_seq=512, prefix_slots=1,
+                                               batch=64))
+    try:
+        prompts = [eng.tokenize(f"{system}\nQ: {q}\nA:", True, False) for q in questions]
+        shared = len(eng.tokenize(system, True, False))
+        streams = [Stream() for _ in prompts]
+        for prompt, stream in zip(prompts, streams, strict=True):
+            eng.submit(GenerationRequest(prompt, 8, Sampling(temperature=0)), stream)
+        answers = [collect(s) for s in streams]
+        assert all(a[1].reason in ("stop", "length") and a[1].error is None for a in answers)
+        assert eng.stats["prefix_hits"] == 3
+        assert eng.stats["prefix_tokens"] >= 3 * (shared - 2)
+    finally:
+        eng.close()
+
+
 def test_short_prompts_are_not_cached(smollm_gguf: Path) -> None:
     eng = ChatEngine(smollm_gguf, EngineConfig(parallel=1, ctx_per_seq=256, prefix_slots=2))
     try:

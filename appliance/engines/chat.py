@@ -176,6 +176,34 @@ class Stream:
         return self._cancelled.is_set()
 
 
+class Outbox:
+    """The events of one engine step, handed to each event loop with a single wake-up instead
+    of one per token: every wake-up runs Python on a core that llama_decode's threads want."""
+
+    def __init__(self) -> None:
+        self._held: dict[Any, list[tuple[Stream, Event]]] = {}
+
+    def put(self, stream: Stream, event: Event) -> None:
+        if stream._loop is None:
+            stream.push(event)
+        else:
+            self._held.setdefault(stream._loop, []).append((stream, event))
+
+    def flush(self) -> None:
+        held, self._held = self._held, {}
+        for loop, items in held.items():
+            try:
+                loop.call_soon_threadsafe(_hand_over, items)
+            except RuntimeError:  # loop closed: nobody is listening any more
+                for stream, _ in items:
+                    stream.cancel()
+
+
+def _hand_over(items: list[tuple[Stream, Event]]) -> None:
+    for stream, event in items:
+        stream._aq.put_nowait(event)
+
+
 @dataclass
 class _Seq:
     req: GenerationRequest
@@ -246,6 +274,7 @@ class ChatEngine:
         self._stop = False
         self.heartbeat = time.monotonic()
         self.busy_since: float | None = None
+        self._outbox = Outbox()
         self.stats = {"requests": 0, "tokens": 0, "prompt_tokens": 0, "prefix_hits": 0,
                       "prefix_tokens": 0, "draft_accepted": 0}
         self._thread = threading.Thread(target=self._run, name=f"chat-{model_path.stem}",
@@ -387,17 +416,19 @@ class ChatEngine:
     # --- the scheduler thread -----------------------------------------------------------------
 
     def _admit(self) -> None:
+        held: deque[tuple[GenerationRequest, Stream]] = deque()
         while self._waiting and self._free_ids:
-            req, stream = self._waiting[0]
+            req, stream = self._waiting.popleft()
             if stream.cancelled:
-                self._waiting.popleft()
-                stream.push(Finish("cancelled", len(req.prompt), 0))
+                self._outbox.put(stream, Finish("cancelled", len(req.prompt), 0))
                 continue
-            self._waiting.popleft()
+            if self._prefix_in_flight(req.prompt):
+                held.append((req, stream))  # admitted once that prefill is done, then copied
+                continue
             try:
                 sampler = self.make_sampler(req)
             except ApplianceError as exc:
-                stream.push(Finish("error", len(req.prompt), 0, error=exc.message))
+                self._outbox.put(stream, Finish("error", len(req.prompt), 0, error=exc.message))
                 continue
             # the lowest free id: llama.cpp batches sequences whose ids are consecutive
             seq = _Seq(req, stream, self._free_ids.pop(0), sampler, TextAssembler(req.stop))
@@ -415,6 +446,19 @@ class ChatEngine:
             self._active.append(seq)
             self._active.sort(key=lambda s: s.seq_id)
             self.stats["requests"] += 1
+        self._waiting.extendleft(reversed(held))
+
+    def _prefix_in_flight(self, prompt: list[int]) -> bool:
+        """Whether a running sequence is still prefilling a prefix this prompt shares: then
+        waiting a step or two and copying its KV beats computing the same prefix twice (many
+        users sending the same system prompt at once)."""
+        if not self.config.prefix_slots:
+            return False
+        for src in self._active:
+            shared = min(_common_prefix(src.req.prompt, prompt), len(prompt) - 1)
+            if shared >= self.config.min_prefix and src.done_prompt < shared:
+                return True
+        return False
 
     def _restore_prefix(self, seq: _Seq) -> None:
         """Start `seq` from the cached prompt that shares the longest prefix with its own.
@@ -427,6 +471,11 @@ class ChatEngine:
             n = _common_prefix(tokens, prompt)
             if n > best:
                 best, slot = n, slot_id
+        if self.config.prefix_slots:
+            for src in self._active:  # running sequences hold their decoded prompt too
+                n = min(_common_prefix(src.req.prompt, prompt), src.done_prompt)
+                if n > best:
+                    best, slot = n, src.seq_id
         keep = min(best, len(prompt) - 1)
         if keep < self.config.min_prefix:
             return
@@ -436,7 +485,8 @@ class ChatEngine:
             ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)  # cannot cut: start afresh
             return
         seq.done_prompt = keep
-        self._prefixes[slot] = (self._prefixes[slot][0], time.monotonic())
+        if slot in self._prefixes:
+            self._prefixes[slot] = (self._prefixes[slot][0], time.monotonic())
         self.stats["prefix_hits"] += 1
         self.stats["prefix_tokens"] += keep
 
@@ -461,7 +511,7 @@ class ChatEngine:
 
     def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
         tail = "" if reason in ("cancelled", "error") else seq.text.flush()
-        seq.stream.push(Finish(reason, len(seq.req.prompt), seq.generated, tail, error,
+        self._outbox.put(seq.stream, Finish(reason, len(seq.req.prompt), seq.generated, tail, error,
                                seq.ttft))
         self._release(seq)
 
@@ -480,13 +530,16 @@ class ChatEngine:
                     self._finish(seq, "cancelled")
                 if self._active:
                     self._step()
-                elif self._waiting:
+                self._outbox.flush()
+                if not self._active and self._waiting:
                     time.sleep(0.001)
         except Exception as exc:  # the engine is dead: tell everyone, healthz reports it
             log.exception("chat engine crashed")
             for seq in list(self._active):
-                seq.stream.push(Finish("error", len(seq.req.prompt), seq.generated,
-                                       error=f"engine failure: {type(exc).__name__}"))
+                self._outbox.put(seq.stream, Finish(
+                    "error", len(seq.req.prompt), seq.generated,
+                    error=f"engine failure: {type(exc).__name__}"))
+            self._outbox.flush()
             self._stop = True
             raise
 
@@ -621,7 +674,7 @@ class ChatEngine:
         if seq.speculate:
             seq.history.append(token)
         text = seq.text.feed(self.piece(token))
-        seq.stream.push(TokenEvent(text, token, logprob, top))
+        self._outbox.put(seq.stream, TokenEvent(text, token, logprob, top))
         if seq.text.stopped:
             self._finish(seq, "stop")
         elif seq.generated >= seq.req.max_tokens:
