@@ -18,6 +18,7 @@ from appliance.target import Target
 
 Log = Callable[[str], None]
 PROJECT = Path(__file__).resolve().parent.parent
+UBUNTU_KEYRING = Path("/usr/share/keyrings/ubuntu-archive-keyring.gpg")  # Debian's ubuntu-keyring
 TOOLS = {  # binary -> Debian package
     "mmdebstrap": "mmdebstrap", "genimage": "genimage", "mke2fs": "e2fsprogs",
     "mkdosfs": "dosfstools", "mcopy": "mtools", "systemctl": "systemd",
@@ -54,10 +55,14 @@ class Context:
 
     @property
     def mirror_options(self) -> list[str]:
-        """mmdebstrap options that file:// repositories need (mounted into the chroot)."""
+        """mmdebstrap options that file:// repositories need (mounted into the chroot), and
+        Ubuntu's archive key, which a Debian host keeps outside apt's default keyrings."""
+        options = []
         if any("file://" in m for m in self.mirrors):
-            return ["--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount"]
-        return []
+            options.append("--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount")
+        if self.target.distribution == "ubuntu" and UBUNTU_KEYRING.exists():
+            options.append(f"--keyring={UBUNTU_KEYRING}")
+        return options
 
     @property
     def setup_hooks(self) -> list[str]:

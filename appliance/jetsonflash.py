@@ -30,7 +30,8 @@ What a Jetson owner supplies (none of it can be fetched or checked on this build
      (Linux_for_Tegra/tools/l4t_flash_prerequisites.sh);
   2. mirrors the build host can reach: Ubuntu 22.04 (jammy) arm64 from ports.ubuntu.com and
      NVIDIA's Jetson apt repository (repo.download.nvidia.com/jetson, common + t234, r36.x),
-     set as [base] mirror and extra_repositories in a copy of build/targets/jetson.toml;
+     set as [base] mirror and extra_repositories in a copy of build/targets/jetson.toml
+     (a Debian build host also needs Ubuntu's archive key: apt-get install ubuntu-keyring);
   3. a CUDA build of llama-cpp-python for the board: `--llama-wheel` with a wheel built on a
      Jetson (CMAKE_ARGS as in the target file), or NVIDIA's cuda-cross-aarch64 on the host;
   4. the device, in USB recovery mode, connected to that host (not needed for an SD card image).
