@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
@@ -306,7 +307,7 @@ def make_disk(ctx: Context) -> None:
 image esp.vfat {{
   vfat {{
     label = "ESP"
-    extraargs = "-i {serial}"
+    extraargs = "--invariant -i {serial}"
 {entries}
   }}
   size = {t.esp_mb}M
@@ -338,6 +339,40 @@ image {t.name}.img {{
             "--outputpath", ctx.out, "--tmppath", Path(tmp) / "genimage")
     for part in ("esp.vfat", "root.ext4", "data.ext4"):
         (ctx.out / part).unlink(missing_ok=True)
+    settle_inode_times(ctx, ctx.out / f"{t.name}.img")
+
+
+def gpt_partitions(disk: Path) -> list[tuple[int, int]]:
+    """(first, last) sector of each partition in a GPT disk, in table order."""
+    with disk.open("rb") as f:
+        f.seek(512)
+        header = f.read(92)
+        table, count, size = struct.unpack("<QII", header[72:88])
+        f.seek(table * 512)
+        entries = [f.read(size) for _ in range(count)]
+    return [struct.unpack("<QQ", e[32:48]) for e in entries if e[32:48] != bytes(16)]
+
+
+def settle_inode_times(ctx: Context, disk: Path) -> None:
+    """mke2fs -d copies each file's change and access times from the build tree, where the
+    clock kept running: set them to the build time, so two builds give the same bytes."""
+    _, root, data = gpt_partitions(disk)
+    state = ctx.tree / "var/lib/appliance"
+    for first, top in ((root[0], ctx.tree), (data[0], state)):
+        lines = []
+        for path in [top, *sorted(top.rglob("*"))]:
+            if top == ctx.tree and state in path.parents:
+                continue  # on the data partition
+            rel = "/" + path.relative_to(top).as_posix() if path != top else "/"
+            if '"' in rel or "\n" in rel:
+                continue  # debugfs cannot quote these; none are in a Debian tree
+            lines += [f'sif "{rel}" ctime @{ctx.epoch}', f'sif "{rel}" atime @{ctx.epoch}']
+        for field in ("ctime", "atime", "mtime", "crtime"):
+            lines.append(f'sif "/lost+found" {field} @{ctx.epoch}')  # made by mke2fs itself
+        lines += [f"ssv lastcheck @{ctx.epoch}", f"ssv mkfs_time @{ctx.epoch}"]
+        script = ctx.work / f"inode-times-{first}.debugfs"
+        script.write_text("\n".join(lines) + "\n")
+        run(ctx, "debugfs", "-w", "-f", script, f"{disk}?offset={first * 512}")
 
 
 def write_flash_kit(ctx: Context) -> None:

@@ -10,6 +10,7 @@ no connection of its own (checked in a capture of its network traffic).
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
 import struct
@@ -22,6 +23,8 @@ import httpx
 import openai
 import pytest
 from conftest import PROJECT, free_port
+
+from appliance.image import gpt_partitions
 
 pytestmark = pytest.mark.image
 TARGET = os.environ.get("IMAGE_TARGET", "x86_64-cpu")
@@ -152,3 +155,20 @@ def test_guest_opens_no_connection(guest: tuple[str, str, Path, Path]) -> None:
     found, mdns = _guest_traffic(pcap)
     assert found == []
     assert mdns > 0  # systemd-resolved announced appliance.local on the LAN
+
+
+def test_file_systems_are_clean_and_dated_by_the_build() -> None:
+    """e2fsck finds nothing after the inode times were settled, and the times are the build's
+    (SOURCE_DATE_EPOCH), not the clock of the build host."""
+    epoch = json.loads((IMAGE.parent / f"{TARGET}.manifest.json").read_text())[
+        "source_date_epoch"]
+    esp, root, data = gpt_partitions(IMAGE)
+    assert esp[0] == 34 and root[0] > esp[1] and data[0] > root[1]
+    for first, _ in (root, data):
+        check = subprocess.run(["e2fsck", "-fn", f"{IMAGE}?offset={first * 512}"],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    stat = subprocess.run(["debugfs", "-R", "stat /etc/hostname",
+                           f"{IMAGE}?offset={root[0] * 512}"], capture_output=True, text=True)
+    for field in ("ctime", "atime", "mtime"):
+        assert f"{field}: 0x{epoch:08x}:" in stat.stdout, stat.stdout
