@@ -34,39 +34,52 @@ from appliance.target import Architecture, ImageFormat, Stack, Target
 # --- steps ----------------------------------------------------------------------------------
 
 def check_host(ctx: Context) -> None:
-    """Fail before any work when a tool or a host capability is missing."""
+    """Fail before any work when a tool or a host capability is missing. A missing GPU
+    toolkit only stops the build at the step that needs it (build_wheels): everything before
+    it is still built and checked."""
     t = ctx.target
     for tool in ("mmdebstrap", "systemctl", "systemd-sysusers"):
         need(tool)
     if t.format is ImageFormat.DISK:
         for tool in ("genimage", "mke2fs", "mkdosfs", "mcopy"):
             need(tool)
-    if ctx.llama_wheel is None:  # the host tools build llama.cpp; a given wheel needs none
-        for tool in t.host_tools:
-            if shutil.which(tool) is None:
-                raise ImageError(
-                    f"target {t.name} builds llama.cpp with {t.stack.value}, which needs {tool} "
-                    "on the build host",
-                    hint="install NVIDIA's CUDA toolkit, or pass --llama-wheel with a wheel "
-                         "built on the device")
-        cuda = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
-        if t.stack is Stack.CUDA and not (cuda / "include" / "cublas_v2.h").exists():
-            # llama.cpp's CUDA backend links cuBLAS; nvcc alone is not enough
-            raise ImageError(
-                f"target {t.name} builds llama.cpp with CUDA, which needs cuBLAS headers "
-                f"({cuda / 'include' / 'cublas_v2.h'} is missing)",
-                hint="install the CUDA toolkit's libraries (cuda-libraries-dev-12-x, or set "
-                     "CUDA_HOME), or pass --llama-wheel with a CUDA wheel built elsewhere")
-        if t.stack is not Stack.CPU and t.architecture.uname() != os.uname().machine:
-            cross = cuda / "targets" / f"{t.architecture.uname()}-linux"
-            if not cross.is_dir():
-                raise ImageError(
-                    f"target {t.name} cross-compiles llama.cpp with CUDA for "
-                    f"{t.architecture}, which needs the CUDA cross target {cross}",
-                    hint="install NVIDIA's cuda-cross-aarch64 for the device's CUDA release, or "
-                         "pass --llama-wheel with a wheel built on the device")
+    ctx.toolkit_missing = toolkit_problem(ctx)
+    if ctx.toolkit_missing is not None:
+        ctx.log(f"  note: {ctx.toolkit_missing.message}; the build goes on and stops at "
+                "build_wheels")
     if t.architecture.uname() != os.uname().machine:
         enable_emulation(t.architecture.uname())
+
+
+def toolkit_problem(ctx: Context) -> ImageError | None:
+    """What the build host lacks to compile llama.cpp for the target's GPU stack, if anything
+    (a wheel given with --llama-wheel needs nothing)."""
+    t = ctx.target
+    if ctx.llama_wheel is not None or t.stack is Stack.CPU:
+        return None
+    for tool in t.host_tools:
+        if shutil.which(tool) is None:
+            return ImageError(
+                f"target {t.name} builds llama.cpp with {t.stack.value}, which needs {tool} on "
+                "the build host",
+                hint="install NVIDIA's CUDA toolkit, or pass --llama-wheel with a wheel built on "
+                     "the device")
+    cuda = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    if t.stack is Stack.CUDA and not (cuda / "include" / "cublas_v2.h").exists():
+        # llama.cpp's CUDA backend links cuBLAS; nvcc alone is not enough
+        return ImageError(
+            f"target {t.name} builds llama.cpp with CUDA, which needs cuBLAS headers "
+            f"({cuda / 'include' / 'cublas_v2.h'} is missing)",
+            hint="install the CUDA toolkit's libraries (cuda-libraries-dev-12-x, or set "
+                 "CUDA_HOME), or pass --llama-wheel with a CUDA wheel built elsewhere")
+    cross = cuda / "targets" / f"{t.architecture.uname()}-linux"
+    if t.architecture.uname() != os.uname().machine and not cross.is_dir():
+        return ImageError(
+            f"target {t.name} cross-compiles llama.cpp with CUDA for {t.architecture}, which "
+            f"needs the CUDA cross target {cross}",
+            hint="install NVIDIA's cuda-cross-aarch64 for the device's CUDA release, or pass "
+                 "--llama-wheel with a wheel built on the device")
+    return None
 
 
 def enable_emulation(machine: str) -> None:
@@ -92,6 +105,8 @@ def enable_emulation(machine: str) -> None:
 
 
 def build_wheels(ctx: Context) -> None:
+    if ctx.toolkit_missing is not None:
+        raise ctx.toolkit_missing
     ctx.inputs["wheels"] = imagewheels.collect(ctx)
 
 

@@ -47,6 +47,7 @@ class Context:
     trust_pub: Path | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
     llama_wheel: Path | None = None  # a wheel the owner built (e.g. on a Jetson), used as is
+    toolkit_missing: ImageError | None = None  # raised by the step that needs the toolkit
 
     @property
     def mirrors(self) -> list[str]:

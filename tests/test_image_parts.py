@@ -43,13 +43,24 @@ def test_missing_tool_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     assert info.value.hint == "apt-get install mmdebstrap"
 
 
-def test_cuda_target_stops_early_without_nvcc(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def _stops_at_build_wheels(ctx: image.Context, message: str) -> image.ImageError:
+    """check_host notes the missing toolkit and lets the build go on; build_wheels, the step
+    that needs it, stops with the reason and what to install."""
+    notes: list[str] = []
+    ctx.log = notes.append
+    image.check_host(ctx)
+    assert any(message in n and "stops at build_wheels" in n for n in notes), notes
+    with pytest.raises(image.ImageError, match=message) as info:
+        image.build_wheels(ctx)
+    assert "--llama-wheel" in (info.value.hint or "")
+    return info.value
+
+
+def test_cuda_target_without_nvcc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(image.shutil, "which",
                         lambda tool: None if tool == "nvcc" else f"/usr/bin/{tool}")
     ctx = image.Context(load("x86_64-cuda"), tmp_path, tmp_path, tmp_path, print, None)
-    with pytest.raises(image.ImageError, match="needs nvcc on the build host"):
-        image.check_host(ctx)
+    _stops_at_build_wheels(ctx, "needs nvcc on the build host")
 
 
 def test_cuda_target_without_cublas_says_so(tmp_path: Path,
@@ -58,11 +69,9 @@ def test_cuda_target_without_cublas_says_so(tmp_path: Path,
     (tmp_path / "cuda" / "include").mkdir(parents=True)  # nvcc present, cuBLAS not (as here)
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
     ctx = image.Context(load("x86_64-cuda"), tmp_path, tmp_path, tmp_path, print, None)
-    with pytest.raises(image.ImageError, match="needs cuBLAS headers") as info:
-        image.check_host(ctx)
-    assert "--llama-wheel" in (info.value.hint or "")
+    _stops_at_build_wheels(ctx, "needs cuBLAS headers")
     (tmp_path / "cuda" / "include" / "cublas_v2.h").write_text("")
-    image.check_host(ctx)
+    assert image.toolkit_problem(ctx) is None
 
 
 def test_foreign_architecture_turns_on_emulation(tmp_path: Path,
@@ -88,11 +97,9 @@ def test_jetson_without_a_cuda_cross_toolkit_says_what_to_supply(
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
     monkeypatch.setattr(image, "enable_emulation", lambda machine: None)
     ctx = image.Context(load("jetson"), tmp_path, tmp_path, tmp_path, print, None)
-    with pytest.raises(image.ImageError, match="needs the CUDA cross target") as info:
-        image.check_host(ctx)
-    assert "--llama-wheel" in (info.value.hint or "")
+    _stops_at_build_wheels(ctx, "needs the CUDA cross target")
     ctx.llama_wheel = tmp_path / "llama_cpp_python-0.3.36-py3-none-linux_aarch64.whl"
-    image.check_host(ctx)  # a wheel built on the device needs neither nvcc nor the toolkit
+    assert image.toolkit_problem(ctx) is None  # a wheel built on the device needs neither
 
 
 def test_marker_files_exist_before_packages_install(tmp_path: Path) -> None:

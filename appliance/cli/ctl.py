@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -247,6 +248,11 @@ def _serve(args: argparse.Namespace, layout: Layout) -> int:
         return report["status"] == "ok", f"{report['status']}: {engines or 'no models'}"
 
     notify.supervise(cfg.host, cfg.port, healthy)
+    # The models are loaded: keep what exists now out of the collector's walks, and collect
+    # young objects less often; a collection pauses the token path of every stream at once.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     # limit_concurrency: a flood of idle or slow connections gets 503s instead of memory
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5, timeout_keep_alive=5,
