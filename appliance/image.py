@@ -65,13 +65,15 @@ def toolkit_problem(ctx: Context) -> ImageError | None:
                 hint="install NVIDIA's CUDA toolkit, or pass --llama-wheel with a wheel built on "
                      "the device")
     cuda = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
-    if t.stack is Stack.CUDA and not (cuda / "include" / "cublas_v2.h").exists():
+    headers = [cuda / "include" / "cublas_v2.h", Path("/usr/include/cublas_v2.h")]  # Debian's
+    if t.stack is Stack.CUDA and not any(h.exists() for h in headers):
         # llama.cpp's CUDA backend links cuBLAS; nvcc alone is not enough
         return ImageError(
             f"target {t.name} builds llama.cpp with CUDA, which needs cuBLAS headers "
-            f"({cuda / 'include' / 'cublas_v2.h'} is missing)",
-            hint="install the CUDA toolkit's libraries (cuda-libraries-dev-12-x, or set "
-                 "CUDA_HOME), or pass --llama-wheel with a CUDA wheel built elsewhere")
+            f"({headers[0]} is missing)",
+            hint="install a CUDA toolkit with cuBLAS of the target's CUDA version (Debian 12: "
+                 "nvidia-cuda-toolkit, CUDA 11.8) or set CUDA_HOME, or pass --llama-wheel with "
+                 "a CUDA wheel built elsewhere")
     cross = cuda / "targets" / f"{t.architecture.uname()}-linux"
     if t.architecture.uname() != os.uname().machine and not cross.is_dir():
         return ImageError(
