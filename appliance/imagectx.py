@@ -23,7 +23,7 @@ TOOLS = {  # binary -> Debian package
     "mmdebstrap": "mmdebstrap", "genimage": "genimage", "mke2fs": "e2fsprogs",
     "mkdosfs": "dosfstools", "mcopy": "mtools", "systemctl": "systemd",
     "systemd-sysusers": "systemd", "update-binfmts": "binfmt-support",
-    "qemu-aarch64-static": "qemu-user-static", "dpkg-deb": "dpkg",
+    "qemu-aarch64-static": "qemu-user-static",
 }
 
 

@@ -128,12 +128,12 @@ def systemd_wheel(ctx: Context, version: str) -> Path:
         "wheel==0.45.1")
     tree = ctx.work / "build-tree"
     py = t.python
-    run(ctx, "mmdebstrap", "--mode=root", "--variant=apt", f"--architectures={t.architecture}",
-        f"--components={','.join(t.components)}",
-        f"--include=gcc,libc6-dev,pkg-config,libsystemd-dev,{py}-dev,{py}-venv",
-        *ctx.mirror_options, *[f"--setup-hook={hook}" for hook in ctx.setup_hooks],
-        t.release, tree, *ctx.mirrors)
-    try:
+    try:  # the build tree goes, whether the build worked or not
+        run(ctx, "mmdebstrap", "--mode=root", "--variant=apt",
+            f"--architectures={t.architecture}", f"--components={','.join(t.components)}",
+            f"--include=gcc,libc6-dev,pkg-config,libsystemd-dev,{py}-dev,{py}-venv",
+            *ctx.mirror_options, *[f"--setup-hook={hook}" for hook in ctx.setup_hooks],
+            t.release, tree, *ctx.mirrors)
         shutil.copytree(sources, tree / "src")
         run(ctx, "chroot", tree, py, "-m", "venv", "/b")
         run(ctx, "chroot", tree, "/b/bin/pip", "install", "-q", "--no-index", "--find-links",
