@@ -1,7 +1,8 @@
 """Building an OS image for a target: one readable list of named steps over one Context.
 
-    base tree (mmdebstrap) -> Python environment (wheels built on the host) -> units, users,
-    network -> trust keys, settings, API key -> preloaded bundle -> disk (genimage) -> manifest
+    host check -> signed bundle -> base tree (mmdebstrap) -> wheels for the image's Python
+    (appliance/imagewheels.py) -> venv -> units, network, SSH, keys and settings -> preloaded
+    bundle -> disk (genimage) or rootfs tarball (+ Jetson flash kit) -> manifest
 
 Every external tool goes through `run()`, which names the step and the tool when it fails, and
 `need()` checks for each tool before anything starts, naming the package to install.
@@ -41,7 +42,7 @@ def check_host(ctx: Context) -> None:
     for tool in ("mmdebstrap", "systemctl", "systemd-sysusers"):
         need(tool)
     if t.format is ImageFormat.DISK:
-        for tool in ("genimage", "mke2fs", "mkdosfs", "mcopy"):
+        for tool in ("genimage", "mke2fs", "debugfs", "mkdosfs", "mcopy"):
             need(tool)
     ctx.toolkit_missing = toolkit_problem(ctx)
     if ctx.toolkit_missing is not None:
@@ -176,7 +177,7 @@ def install_python_env(ctx: Context) -> None:
 
 
 def install_units(ctx: Context) -> None:
-    """Units, the service user, tmpfiles, networking, mounts; firstboot off, no root login."""
+    """Units, the service user, tmpfiles, mounts; firstboot off, no root login."""
     tree, units = ctx.tree, PROJECT / "systemd"
     system = tree / "etc/systemd/system"
     for unit in ("appliance.service", "appliance-import@.service",
@@ -381,8 +382,9 @@ def settle_inode_times(ctx: Context, disk: Path) -> None:
             if top == ctx.tree and state in path.parents:
                 continue  # on the data partition
             rel = "/" + path.relative_to(top).as_posix() if path != top else "/"
-            if '"' in rel or "\n" in rel:
-                continue  # debugfs cannot quote these; none are in a Debian tree
+            if '"' in rel or "\n" in rel:  # debugfs cannot quote these
+                ctx.log(f"  note: {rel!r} keeps the build host's inode times (not reproducible)")
+                continue
             lines += [f'sif "{rel}" ctime @{ctx.epoch}', f'sif "{rel}" atime @{ctx.epoch}']
         for field in ("ctime", "atime", "mtime", "crtime"):
             lines.append(f'sif "/lost+found" {field} @{ctx.epoch}')  # made by mke2fs itself

@@ -21,7 +21,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 UBUNTU_KEYRING = Path("/usr/share/keyrings/ubuntu-archive-keyring.gpg")  # Debian's ubuntu-keyring
 TOOLS = {  # binary -> Debian package
     "mmdebstrap": "mmdebstrap", "genimage": "genimage", "mke2fs": "e2fsprogs",
-    "mkdosfs": "dosfstools", "mcopy": "mtools", "systemctl": "systemd",
+    "debugfs": "e2fsprogs", "mkdosfs": "dosfstools", "mcopy": "mtools", "systemctl": "systemd",
     "systemd-sysusers": "systemd", "update-binfmts": "binfmt-support",
     "qemu-aarch64-static": "qemu-user-static",
 }
