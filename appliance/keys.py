@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from appliance.errors import FormatError, StoreError, UsageError
 from appliance.fsutil import atomic_write
+from appliance.strict import parse_toml
 
 MAX_KEY_FILE = 16 * 1024
 
@@ -123,9 +123,10 @@ class TrustStore:
         if not self.policy_path.exists():
             return 1
         try:
-            policy = tomllib.loads(_read_small(self.policy_path).decode())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise StoreError(f"{self.policy_path} is not valid TOML") from exc
+            text = _read_small(self.policy_path).decode()
+        except UnicodeDecodeError as exc:
+            raise StoreError(f"{self.policy_path} is not UTF-8") from exc
+        policy = parse_toml(text, str(self.policy_path), StoreError, max_depth=1)
         value = policy.get("threshold", 1)
         if set(policy) - {"threshold"} or not isinstance(value, int) or isinstance(value, bool):
             raise StoreError(f"{self.policy_path}: only `threshold = <integer>` is allowed")

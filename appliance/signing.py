@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import tomllib
 
 import tomli_w
 from cryptography.exceptions import InvalidSignature
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from appliance.errors import SignatureError
 from appliance.keys import key_id
+from appliance.strict import parse_toml
 
 MAX_SIG_FILE = 64 * 1024
 MAX_SIGNATURES = 32
@@ -44,9 +44,10 @@ def parse_signatures(sig_bytes: bytes) -> list[tuple[str, bytes]]:
     if len(sig_bytes) > MAX_SIG_FILE:
         raise SignatureError(f"manifest.sig is larger than {MAX_SIG_FILE} bytes")
     try:
-        doc = tomllib.loads(sig_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise SignatureError("manifest.sig is not valid TOML") from exc
+        text = sig_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SignatureError("manifest.sig is not UTF-8") from exc
+    doc = parse_toml(text, "manifest.sig", SignatureError, max_depth=3)
     entries = doc.get("signatures")
     if set(doc) != {"signatures"} or not isinstance(entries, list) or not entries:
         raise SignatureError("manifest.sig holds no [[signatures]]")

@@ -13,22 +13,105 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from appliance.errors import FormatError
+from appliance.errors import ApplianceError, FormatError
 
 E = TypeVar("E", bound=StrEnum)
 MAX_STRING = 4096
+# Deepest nesting of arrays, inline tables and (dotted) tables any of our files needs is about
+# five; tomllib recurses per level, so bound it before parsing (a RecursionError is no error
+# message) and again on the result (dotted keys nest without brackets).
+MAX_DEPTH = 32
+
+
+def parse_toml(text: str, origin: str, error: type[ApplianceError] = FormatError,
+               max_depth: int = MAX_DEPTH) -> dict[str, Any]:
+    """tomllib.loads with the nesting depth bounded; every failure is one `error` line."""
+    if toml_depth(text) > max_depth:
+        raise error(f"{origin} nests arrays or tables deeper than {max_depth} levels")
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{origin} is not valid TOML: {exc}") from exc
+    except RecursionError:  # the scan above should make this unreachable; keep one line anyway
+        raise error(f"{origin} nests arrays or tables too deeply") from None
+    if value_depth(doc) > max_depth:
+        raise error(f"{origin} nests tables deeper than {max_depth} levels")
+    return doc
+
+
+def toml_depth(text: str) -> int:
+    """The deepest bracket nesting of TOML text, strings and comments skipped. Linear, no
+    recursion. Brackets of table headers count too, which only makes the bound stricter."""
+    depth = deepest = i = 0
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(depth - 1, 0)
+        elif c == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif c in "\"'":
+            i = _skip_string(text, i)
+            continue
+        i += 1
+    return deepest
+
+
+def _skip_string(text: str, i: int) -> int:
+    """Index just past the TOML string starting at text[i] (or the end of text)."""
+    quote = text[i]
+    if text.startswith(quote * 3, i):
+        end = text.find(quote * 3, i + 3)
+        while quote == '"' and end > 0 and _escaped(text, end):
+            end = text.find(quote * 3, end + 1)
+        if end < 0:
+            return len(text)
+        extra = 0  # up to two quotes of the content may touch the closing delimiter
+        while extra < 2 and text.startswith(quote, end + 3 + extra):
+            extra += 1
+        return end + 3 + extra
+    j = i + 1
+    while j < len(text) and text[j] != "\n":
+        if text[j] == quote and (quote == "'" or not _escaped(text, j)):
+            return j + 1
+        j += 1
+    return j
+
+
+def _escaped(text: str, j: int) -> bool:
+    """Whether text[j] is preceded by an odd number of backslashes."""
+    k = j
+    while k > 0 and text[k - 1] == "\\":
+        k -= 1
+    return (j - k) % 2 == 1
+
+
+def value_depth(value: Any) -> int:
+    """Nesting depth of parsed data (dicts and lists), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list))
+    return deepest
 
 
 def load_toml(data: bytes, origin: str, max_bytes: int) -> Fields:
     if len(data) > max_bytes:
         raise FormatError(f"{origin} is larger than {max_bytes} bytes")
     try:
-        doc = tomllib.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise FormatError(f"{origin} is not UTF-8") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise FormatError(f"{origin} is not valid TOML: {exc}") from exc
-    return Fields(doc, origin)
+    return Fields(parse_toml(text, origin), origin)
 
 
 class Fields:
