@@ -98,7 +98,7 @@ def test_bad_public_key_file(tmp_path: Path, content: bytes) -> None:
 def test_audit_chain_records_and_detects_tampering(installed: Layout, factory: Factory) -> None:
     import_bundle(factory.bundle(sequence=2), installed)
     audit = installed.audit
-    assert audit.verify() == 2
+    assert audit.verify().entries == 2
     events = [e["event"] for e in audit.entries()]
     assert events == ["import", "import"]
     original = audit.path.read_bytes()
@@ -119,7 +119,7 @@ def test_audit_chain_records_and_detects_tampering(installed: Layout, factory: F
         audit.verify()
 
     audit.path.write_bytes(original)
-    assert audit.verify() == 2
+    assert audit.verify().entries == 2
 
 
 def test_rejections_are_audited(installed: Layout, factory: Factory) -> None:
@@ -129,4 +129,4 @@ def test_rejections_are_audited(installed: Layout, factory: Factory) -> None:
     last = installed.audit.entries()[-1]
     assert (last["event"], last["result"], last["error"]) == ("import", "rejected",
                                                              "RollbackError")
-    assert installed.audit.verify() == 2
+    assert installed.audit.verify().entries == 2
