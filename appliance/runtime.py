@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from appliance import __version__, hardware
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 
 class ModelNotFound(ApplianceError):
     pass
+
+
+class ModelUnavailable(ApplianceError):
+    """The model is in the active bundle but failed to load on this device."""
 
 
 @dataclass
@@ -78,15 +83,51 @@ class Runtime:
         self.lanes = CoreLanes(settings.threads or self.probe.physical_cores, settings.aux_cores)
 
     def load(self) -> None:
-        """Load every model of every active bundle; a model that fails is reported, not fatal."""
+        """Load every model of every active bundle. A model that fails to load, for whatever
+        reason, is reported (status, /healthz) and the others are served. One that took the
+        whole process down while loading (a crash inside a native library) is skipped on the
+        next start, as recorded in /run, instead of crashing every start after it."""
         # read-only: the service never changes the store (imports do, as root)
+        crashed = self._crashed_loads()
         for inst in Store(self.layout).active_bundles():
             for model in inst.manifest.models:
                 if model.id in self.models:
                     log.warning("model %s of bundle %s hides another bundle's", model.id, inst.name)
                     continue
+                tag = f"{inst.name}-{inst.sequence}/{model.id}"
+                if tag in crashed:
+                    self.models[model.id] = self._failed(
+                        inst, model, "the service stopped while loading this model before (a "
+                        "crash in its runtime); skipped until the bundle changes or a reboot")
+                    continue
+                atomic_write(self._loading_path, tag.encode())
                 self.models[model.id] = self._load_model(inst, model)
+                self._loading_path.unlink()
         self._write_status()
+
+    @property
+    def _loading_path(self) -> Path:
+        return self.layout.run / "loading"
+
+    def _crashed_loads(self) -> set[str]:
+        """Models whose load never finished in an earlier start (kept in /run: a reboot, or a
+        new sequence of the bundle, gives them another try)."""
+        self.layout.run.mkdir(parents=True, exist_ok=True)
+        record = self.layout.run / "crashed-loads"
+        crashed = set(record.read_text().split()) if record.exists() else set()
+        if self._loading_path.exists():
+            tag = self._loading_path.read_text().strip()
+            log.error("the last start stopped while loading %s; skipping it", tag)
+            crashed.add(tag)
+            atomic_write(record, "\n".join(sorted(crashed)).encode())
+            self._loading_path.unlink()
+        return crashed
+
+    def _failed(self, inst: Installed, model: mf.Model, error: str) -> LoadedModel:
+        placeholder = hardware.Choice(model.variants[0], mf.Backend.CPU, 0, 0, error)
+        return LoadedModel(model.id, model.task, inst.name, inst.sequence,
+                           int(inst.manifest.created.timestamp()), placeholder, model,
+                           error=error)
 
     def _load_model(self, inst: Installed, model: mf.Model) -> LoadedModel:
         try:
@@ -94,19 +135,24 @@ class Runtime:
                                      self.settings.memory_fraction, self.settings.threads,
                                      dict(self.settings.quantization).get(model.id))
         except ValueError as exc:
-            placeholder = hardware.Choice(model.variants[0], mf.Backend.CPU, 0, 0, str(exc))
-            return LoadedModel(model.id, model.task, inst.name, inst.sequence,
-                               int(inst.manifest.created.timestamp()), placeholder, model,
-                               error=str(exc))
+            return self._failed(inst, model, str(exc))
         loaded = LoadedModel(model.id, model.task, inst.name, inst.sequence,
                              int(inst.manifest.created.timestamp()), choice, model)
         try:
             loader = {mf.Task.CHAT: self._load_chat, mf.Task.EMBEDDINGS: self._load_embed,
                       mf.Task.TRANSCRIPTION: self._load_whisper}[model.task]
             loader(inst, loaded)
-        except ApplianceError as exc:
-            loaded.error = exc.message
-            log.error("model %s failed to load: %s", model.id, exc.message)
+        except Exception as exc:  # a damaged model file raises anything at all
+            message = exc.message if isinstance(exc, ApplianceError) else (
+                f"{type(exc).__name__}: {exc}")
+            loaded.error = " ".join(message.split())[:500]  # one line, bounded
+            log.error("model %s failed to load: %s", model.id, loaded.error)
+            if loaded.engine is not None:
+                try:
+                    loaded.engine.close()
+                except Exception:
+                    log.exception("closing the half-loaded %s", model.id)
+                loaded.engine = None
         return loaded
 
     def _load_chat(self, inst: Installed, loaded: LoadedModel) -> None:
@@ -145,6 +191,9 @@ class Runtime:
 
     def get(self, model_id: str, task: mf.Task) -> LoadedModel:
         loaded = self.models.get(model_id)
+        if loaded is not None and loaded.engine is None and loaded.task is task:
+            raise ModelUnavailable(f"The model `{model_id}` failed to load on this appliance: "
+                                   f"{loaded.error}", hint="see `appliance-ctl status`")
         if loaded is None or loaded.engine is None or loaded.task is not task:
             served = [m.id for m in self.models.values() if m.engine and m.task is task]
             raise ModelNotFound(
@@ -156,9 +205,24 @@ class Runtime:
         return [m for m in self.models.values() if m.engine is not None]
 
     def health(self) -> dict[str, Any]:
+        """ok; degraded (some models failed to load, the others serve); unhealthy (an engine
+        is dead or stuck, or nothing is served)."""
         engines = {m.id: m.engine.health() for m in self.served()}
-        ok = bool(engines) and all(v == "ok" for v in engines.values())
-        return {"status": "ok" if ok else "unhealthy", "engines": engines}
+        # ids only: /healthz answers without a key, and an error may name paths
+        failed = sorted(m.id for m in self.models.values() if m.engine is None)
+        if not engines or any(v != "ok" for v in engines.values()):
+            status = "unhealthy"
+        else:
+            status = "degraded" if failed else "ok"
+        report: dict[str, Any] = {"status": status, "engines": engines}
+        if failed:
+            report["failed"] = failed
+        return report
+
+    def restart_would_help(self) -> bool:
+        """A dead or stuck engine thread is what a restart cures; a model that cannot load
+        fails the same way again, so it must not stop the watchdog (a restart loop)."""
+        return any(m.engine.health() != "ok" for m in self.served())
 
     def load_report(self) -> dict[str, Any]:
         report: dict[str, Any] = {}
