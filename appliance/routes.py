@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -35,6 +36,13 @@ from appliance.server import ApiError, sse, sse_error
 
 router = APIRouter()
 DISCONNECT_POLL = 0.5
+# Text is measured before it is tokenised: no tokenizer here puts more characters than this in
+# one token, so longer text cannot fit the context whatever it says.
+MAX_CHARS_PER_TOKEN = 64
+# Grammars are converted and compiled on one worker thread, one at a time, never on the event
+# loop or the scheduler thread; the schema limits in grammar.py keep one build well below this.
+GRAMMAR_WORKER = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+GRAMMAR_WAIT = 15.0
 
 
 def _runtime(request: Request) -> Runtime:
@@ -63,7 +71,7 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 @router.get("/healthz")
 async def healthz(request: Request) -> JSONResponse:
     report = _runtime(request).health()
-    return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
+    return JSONResponse(report, status_code=503 if report["status"] == "unhealthy" else 200)
 
 
 @router.get("/metrics")
@@ -103,9 +111,44 @@ def _submit(model: LoadedModel, gen: GenerationRequest) -> Stream:
     except ContextTooLong as exc:
         raise ApiError(400, exc.message, param="messages",
                        code="context_length_exceeded") from None
-    except GrammarError as exc:
-        raise ApiError(400, exc.message, param="response_format") from None
     return stream
+
+
+def _check_chars(texts: Iterable[str], tokens: int, param: str) -> None:
+    """Refuse text that cannot fit `tokens` before spending time tokenising it."""
+    limit = tokens * MAX_CHARS_PER_TOKEN
+    total = 0
+    for text in texts:
+        total += len(text)
+        if total > limit:
+            raise ApiError(400, f"{param} holds more than {limit} characters; this model's "
+                                f"context is {tokens} tokens", param=param,
+                           code="context_length_exceeded")
+
+
+async def _prepare_grammar(model: LoadedModel, gen: GenerationRequest,
+                           build: Callable[[], str | None], param: str) -> None:
+    """Convert the request's constraint into a grammar and compile its sampler, on the grammar
+    worker. Sets gen.grammar and gen.sampler; a bad schema is a 400 naming the field."""
+
+    def work() -> Any:
+        gen.grammar = build()
+        return model.engine.make_sampler(gen) if gen.grammar else None
+
+    future = asyncio.get_running_loop().run_in_executor(GRAMMAR_WORKER, work)
+    try:
+        gen.sampler = await asyncio.wait_for(asyncio.shield(future), GRAMMAR_WAIT)
+    except TimeoutError:
+        def free(done: asyncio.Future[Any]) -> None:  # the build finishes on its own
+            if not done.cancelled() and done.exception() is None:
+                gen.sampler = done.result()
+                model.engine.discard(gen)
+
+        future.add_done_callback(free)
+        raise ApiError(503, "grammar builds are backed up; retry shortly", "server_error",
+                       code="server_busy", headers={"Retry-After": "5"}) from None
+    except GrammarError as exc:
+        raise ApiError(400, f"{param}: {exc.message}", param=param) from None
 
 
 def _check_logit_bias(model: LoadedModel, req: Sampled) -> None:
@@ -189,19 +232,24 @@ def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     return out
 
 
-def _chat_grammar(req: ChatCompletionRequest) -> tuple[str | None, bool]:
-    """(grammar, forced tool call)."""
-    if req.tools and req.tool_choice not in (None, "none", "auto"):
+def _forced_tool(req: ChatCompletionRequest) -> bool:
+    return bool(req.tools) and req.tool_choice not in (None, "none", "auto")
+
+
+def _chat_grammar(req: ChatCompletionRequest) -> str | None:
+    """The grammar the answer must follow, if any (slow: run on the grammar worker)."""
+    if _forced_tool(req):
+        assert req.tools is not None
         only = req.tool_choice.function.name if isinstance(req.tool_choice,
                                                            NamedToolChoice) else None
-        return grammar.tool_call(req.tools, only), True
+        return grammar.tool_call(req.tools, only)
     rf = req.response_format
     if rf is None or rf.type == "text":
-        return None, False
+        return None
     if rf.type == "json_object":
-        return grammar.json_object(), False
+        return grammar.json_object()
     assert rf.json_schema is not None and rf.json_schema.schema_ is not None
-    return grammar.json_schema(rf.json_schema.schema_), False
+    return grammar.json_schema(rf.json_schema.schema_)
 
 
 def _prompt_tokens(model: LoadedModel, req: ChatCompletionRequest) -> list[int]:
@@ -227,15 +275,19 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     req.check()
     model = _runtime(request).get(req.model, mf.Task.CHAT)
     _check_logit_bias(model, req)
-    prompt = _prompt_tokens(model, req)
+    _check_chars((m.text() for m in req.messages), model.engine.ctx_per_seq, "messages")
+    prompt = await asyncio.to_thread(_prompt_tokens, model, req)
     try:
         max_tokens = model.engine.check_fits(len(prompt), req.token_limit)
     except ContextTooLong as exc:
         raise ApiError(400, exc.message, param="messages",
                        code="context_length_exceeded") from None
-    gbnf, forced_tool = _chat_grammar(req)
+    forced_tool = _forced_tool(req)
     top = (req.top_logprobs or 0) if req.logprobs else None
-    gen = GenerationRequest(prompt, max_tokens, _sampling(req), req.stops, gbnf, top)
+    gen = GenerationRequest(prompt, max_tokens, _sampling(req), req.stops, None, top)
+    if forced_tool or (req.response_format and req.response_format.type != "text"):
+        await _prepare_grammar(model, gen, lambda: _chat_grammar(req),
+                               "tools" if forced_tool else "response_format")
     stream = _submit(model, gen)
     ident = f"chatcmpl-{secrets.token_hex(12)}"
     tools_possible = bool(req.tools) and req.tool_choice != "none"
@@ -336,7 +388,14 @@ async def completions(req: CompletionRequest, request: Request) -> Response | di
     model = _runtime(request).get(req.model, mf.Task.CHAT)
     _check_logit_bias(model, req)
     engine = model.engine
-    prompts = [engine.tokenize(p, add_special=True, parse_special=False) for p in req.prompts]
+    for i, text in enumerate(req.prompts):
+        _check_chars([text], engine.ctx_per_seq, "prompt" if len(req.prompts) == 1 else
+                     f"prompt.{i}")
+
+    def tokenize() -> list[list[int]]:
+        return [engine.tokenize(p, add_special=True, parse_special=False) for p in req.prompts]
+
+    prompts = await asyncio.to_thread(tokenize)
     gens = []
     for tokens in prompts:
         try:

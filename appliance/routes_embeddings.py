@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
 from appliance import manifest as mf
 from appliance.engines.embed import BadTokens, TooLong, truncate
 from appliance.protocol import EmbeddingRequest, Unsupported
+from appliance.routes import MAX_CHARS_PER_TOKEN
 from appliance.runtime import Runtime
 from appliance.server import ApiError
 
 router = APIRouter()
 
 
-@router.post("/v1/embeddings")
-async def embeddings(req: EmbeddingRequest, request: Request) -> dict[str, Any]:
+@router.post("/v1/embeddings", response_model=None)
+async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     limits = runtime.settings
     model = runtime.get(req.model, mf.Task.EMBEDDINGS)
@@ -32,8 +35,16 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> dict[str, Any]:
     if req.dimensions is not None and req.dimensions > engine.dimensions:
         raise Unsupported("dimensions", f"{model.id} gives {engine.dimensions} dimensions; "
                                         f"{req.dimensions} is more than it has")
+    per_input = engine.max_tokens * MAX_CHARS_PER_TOKEN
+    for i, text in enumerate(texts):
+        if len(text) > per_input:
+            where = "input" if len(texts) == 1 else f"input.{i}"
+            raise ApiError(400, f"{where} has {len(text)} characters; this model takes at most "
+                                f"{engine.max_tokens} tokens", param=where,
+                           code="context_length_exceeded")
     try:
-        ids = engine.encode(texts) if texts else engine.wrap(token_lists)
+        ids = await asyncio.to_thread(engine.encode if texts else engine.wrap,
+                                      texts or token_lists)
     except TooLong as exc:
         raise ApiError(400, exc.message, param="input", code="context_length_exceeded") from None
     except BadTokens as exc:
@@ -45,11 +56,19 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> dict[str, Any]:
     vectors = await asyncio.wrap_future(engine.submit(ids))
     if req.dimensions is not None and req.dimensions < engine.dimensions:
         vectors = truncate(vectors, req.dimensions)
-    data = []
+    head = {"object": "list", "model": model.id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    body = await asyncio.to_thread(_body, vectors, req.encoding_format == "base64", head)
+    return Response(body, media_type="application/json")
+
+
+def _body(vectors: np.ndarray, b64: bool, head: dict[str, Any]) -> bytes:
+    """The response, one row at a time: thousands of vectors are a large JSON text, and one
+    json.dumps call over all of them would hold the GIL, and so the event loop, throughout."""
+    rows = []
     for i, vec in enumerate(vectors):
         row = np.ascontiguousarray(vec, dtype="<f4")
-        value: Any = (base64.b64encode(row.tobytes()).decode() if req.encoding_format == "base64"
-                      else row.tolist())
-        data.append({"object": "embedding", "index": i, "embedding": value})
-    return {"object": "list", "data": data, "model": model.id,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        value = (json.dumps(base64.b64encode(row.tobytes()).decode()) if b64
+                 else json.dumps(row.tolist()))
+        rows.append(f'{{"object":"embedding","index":{i},"embedding":{value}}}')
+    return (json.dumps(head)[:-1] + ',"data":[' + ",".join(rows) + "]}").encode()

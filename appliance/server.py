@@ -20,8 +20,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from appliance import textcheck
+from appliance.connections import mark_keyed
 from appliance.protocol import Unsupported, error_body
-from appliance.runtime import ModelNotFound, Runtime
+from appliance.runtime import ModelNotFound, ModelUnavailable, Runtime
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class Guard:
         self.app = app
         self.settings = settings
         self.max_body = settings.max_body_mb * 1024 * 1024
+        self.max_json = settings.max_json_kb * 1024
         # host names only: a port-forwarded client (qemu, ssh -L) sends another port
         self.hosts = {"localhost", "127.0.0.1", "[::1]", settings.host,
                       *settings.allowed_hosts}
@@ -77,11 +80,17 @@ class Guard:
                    for k, v in scope.get("headers", [])}
         error = self._check(scope, headers)
         if error is not None:
+            # a refused client gets its connection closed too: it costs nothing while it retries
+            error.headers["Connection"] = "close"
             await error.response()(scope, receive, send)
             return
+        # Uploads (multipart audio) may be large; everything else is JSON, which is parsed on
+        # the event loop, so it gets a much smaller cap.
+        upload = headers.get("content-type", "").startswith("multipart/")
+        cap = self.max_body if upload else self.max_json
         declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
-            await self._too_large()(scope, receive, send)
+        if declared is not None and (not declared.isdigit() or int(declared) > cap):
+            await self._too_large(upload)(scope, receive, send)
             return
         # Read the whole body here, counting as it arrives (chunked uploads carry no length),
         # then hand it to the app in one piece.
@@ -91,11 +100,15 @@ class Guard:
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
-            if len(body) > self.max_body:
-                await self._too_large()(scope, receive, send)
+            if len(body) > cap:
+                await self._too_large(upload)(scope, receive, send)
                 return
             if not message.get("more_body"):
                 break
+        if not upload and (bad := textcheck.lone_surrogate(body)) is not None:
+            await ApiError(400, f"{bad} holds a lone UTF-16 surrogate, which is not text",
+                           param=bad, code="invalid_text").response()(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> MutableMapping[str, Any]:
@@ -107,8 +120,10 @@ class Guard:
 
         await self.app(scope, replay, send)
 
-    def _too_large(self) -> JSONResponse:
-        return ApiError(413, f"request body is larger than {self.settings.max_body_mb} MiB",
+    def _too_large(self, upload: bool) -> JSONResponse:
+        limit = (f"{self.settings.max_body_mb} MiB (max_body_mb)" if upload
+                 else f"{self.settings.max_json_kb} KiB (max_json_kb)")
+        return ApiError(413, f"request body is larger than {limit}",
                         code="request_too_large").response()
 
     def _check(self, scope: Scope, headers: dict[str, str]) -> ApiError | None:
@@ -126,6 +141,7 @@ class Guard:
         scheme, _, key = auth.partition(" ")
         if scheme.lower() != "bearer" or not key_matches(key.strip(), self.settings.api_key_hashes):
             return ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        mark_keyed(scope)
         return None
 
 
@@ -173,6 +189,11 @@ def create_app(runtime: Runtime, settings: Settings) -> Any:
     async def _no_model(request: Request, exc: ModelNotFound) -> JSONResponse:
         return ApiError(404, f"{exc.message}; {exc.hint}", param="model",
                         code="model_not_found").response()
+
+    @app.exception_handler(ModelUnavailable)
+    async def _unavailable(request: Request, exc: ModelUnavailable) -> JSONResponse:
+        return ApiError(503, exc.message, "server_error", param="model",
+                        code="model_unavailable").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -6,8 +6,14 @@
     auth = true                 # false is accepted only while host is a loopback address
     allowed_hosts = []          # Host headers accepted besides the bind address and localhost
     allowed_origins = []        # browser origins allowed to call the API (none by default)
-    max_body_mb = 25
+    max_body_mb = 25            # audio uploads
+    max_json_kb = 4096          # JSON request bodies (parsed on the event loop: keep it small)
     max_queue = 64              # waiting requests per engine before 503
+    max_connections = 256       # open connections in all; idle ones are closed to make room
+    max_connections_per_client = 32   # from one address (429 past that)
+    header_timeout = 10         # seconds to send the request headers
+    idle_timeout = 30           # seconds a request body may stall
+    max_header_kb = 32          # request line + headers
     [chat]
     parallel = 8                # sequences decoded together
     kv_cells = 20480            # KV cells in all, split over parallel + prefix_slots streams
@@ -53,7 +59,13 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     max_body_mb: int = 25
+    max_json_kb: int = 4096
     max_queue: int = 64
+    max_connections: int = 256
+    max_connections_per_client: int = 32
+    header_timeout: int = 10
+    idle_timeout: int = 30
+    max_header_kb: int = 32
     parallel: int = 8
     kv_cells: int = 20480
     ctx_per_seq: int = 2048
@@ -113,6 +125,20 @@ def load(layout: Layout, env: dict[str, str] | None = None) -> Settings:
                                            default=s.max_body_mb) or s.max_body_mb,
                 max_queue=server.integer("max_queue", required=False, lo=1, hi=100_000,
                                          default=s.max_queue) or s.max_queue,
+                max_json_kb=server.integer("max_json_kb", required=False, lo=16, hi=1 << 20,
+                                           default=s.max_json_kb) or s.max_json_kb,
+                max_connections=server.integer(
+                    "max_connections", required=False, lo=4, hi=100_000,
+                    default=s.max_connections) or s.max_connections,
+                max_connections_per_client=server.integer(
+                    "max_connections_per_client", required=False, lo=1, hi=100_000,
+                    default=s.max_connections_per_client) or s.max_connections_per_client,
+                header_timeout=server.integer("header_timeout", required=False, lo=1, hi=600,
+                                              default=s.header_timeout) or s.header_timeout,
+                idle_timeout=server.integer("idle_timeout", required=False, lo=1, hi=3600,
+                                            default=s.idle_timeout) or s.idle_timeout,
+                max_header_kb=server.integer("max_header_kb", required=False, lo=4, hi=1024,
+                                             default=s.max_header_kb) or s.max_header_kb,
             )
             server.done()
         if chat is not None:

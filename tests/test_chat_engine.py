@@ -19,6 +19,7 @@ from appliance.engines.chat import (
     Sampling,
     Stream,
 )
+from appliance.errors import ApplianceError
 
 pytestmark = pytest.mark.models
 
@@ -67,8 +68,16 @@ def test_context_and_queue_limits(engine: ChatEngine) -> None:
     with pytest.raises(ContextTooLong):
         engine.check_fits(250, 10)
     assert engine.check_fits(200, None) == 56
-    with pytest.raises(GrammarError):
-        engine.submit(GenerationRequest([1, 2], 4, grammar="root ::= nonsense-rule"), Stream())
+    with pytest.raises(GrammarError):  # compiled before submit, off the scheduler thread
+        engine.make_sampler(GenerationRequest([1, 2], 4, grammar="root ::= nonsense-rule"))
+    with pytest.raises(ApplianceError, match="sampler made first"):
+        engine.submit(GenerationRequest([1, 2], 4, grammar='root ::= "yes"'), Stream())
+    constrained = GenerationRequest([1, 2], 4, Sampling(temperature=0), grammar='root ::= "yes"')
+    constrained.sampler = engine.make_sampler(constrained)
+    done = Stream()
+    engine.submit(constrained, done)
+    text, fin = collect(done)
+    assert text == "yes" and fin.reason == "stop"
     streams = [Stream() for _ in range(6)]
     prompt = engine.tokenize("Count", add_special=True, parse_special=False)
     accepted = []

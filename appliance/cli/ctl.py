@@ -137,8 +137,14 @@ def _keys(args: argparse.Namespace, layout: Layout) -> int:
 
 def _audit(args: argparse.Namespace, layout: Layout) -> int:
     if args.action == "verify":
-        n = layout.audit.verify()
-        print(f"audit log intact: {n} entries")
+        found = layout.audit.verify()
+        print(f"audit log intact: {found.entries} entries")
+        if found.torn_bytes or found.head_behind:
+            # a power cut during an append, not tampering: the next append repairs and records it
+            what = (f"an unfinished last line of {found.torn_bytes} bytes" if found.torn_bytes
+                    else "the last line was written but not yet counted by the head")
+            print(f"note: an append was interrupted ({what}); "
+                  "the next change repairs this and records it in the log")
     else:
         for entry in layout.audit.entries():
             print(json.dumps(entry, sort_keys=True))
@@ -227,6 +233,7 @@ def _serve(args: argparse.Namespace, layout: Layout) -> int:
 
     from appliance import notify
     from appliance import settings as settings_mod
+    from appliance.connections import ConnectionLimits, guarded_protocol
     from appliance.runtime import Runtime
     from appliance.server import create_app
 
@@ -245,7 +252,9 @@ def _serve(args: argparse.Namespace, layout: Layout) -> int:
     def healthy() -> tuple[bool, str]:
         report = runtime.health()
         engines = ", ".join(f"{k} {v}" for k, v in report["engines"].items())
-        return report["status"] == "ok", f"{report['status']}: {engines or 'no models'}"
+        failed = ", ".join(f"{k} failed to load" for k in report.get("failed", {}))
+        line = "; ".join(p for p in (engines, failed) if p) or "no models"
+        return not runtime.restart_would_help(), f"{report['status']}: {line}"
 
     notify.supervise(cfg.host, cfg.port, healthy)
     # The models are loaded: keep what exists now out of the collector's walks, and collect
@@ -253,10 +262,15 @@ def _serve(args: argparse.Namespace, layout: Layout) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-    # limit_concurrency: a flood of idle or slow connections gets 503s instead of memory
+    # Connections are limited below HTTP (appliance/connections.py): timeouts, header size,
+    # per-address and total caps with JSON refusals; uvicorn's own plain-text limit is off.
+    limits = ConnectionLimits(
+        max_connections=cfg.max_connections, per_client=cfg.max_connections_per_client,
+        header_timeout=cfg.header_timeout, idle_timeout=cfg.idle_timeout,
+        max_header_bytes=cfg.max_header_kb * 1024)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5, timeout_keep_alive=5,
-                limit_concurrency=max(64, cfg.max_queue * 4), server_header=False)
+                timeout_graceful_shutdown=5, timeout_keep_alive=5, http=guarded_protocol(limits),
+                server_header=False)
     return 0
 
 

@@ -114,6 +114,9 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None
     logprobs: int | None = None  # None: off; N: the chosen token plus N alternatives
+    # A sampler chain made in advance by `make_sampler` (off the scheduler thread: compiling a
+    # grammar takes time). The engine owns and frees it once `submit` is called.
+    sampler: Any = None
 
 
 @dataclass(frozen=True)
@@ -364,19 +367,30 @@ class ChatEngine:
         return chain
 
     def submit(self, req: GenerationRequest, stream: Stream) -> None:
-        """Queue a request; events arrive on `stream`. Raises EngineBusy, ContextTooLong or
-        GrammarError before anything is queued."""
-        if len(req.prompt) + req.max_tokens > self.ctx_per_seq:
-            raise ContextTooLong(f"prompt + max_tokens exceed {self.ctx_per_seq} tokens")
-        if req.grammar:  # compile now so a bad grammar is the caller's error, not the engine's
-            self._ll.llama_sampler_free(self.make_sampler(req))
-        with self._lock:
-            if self._stop:
-                raise ApplianceError("the chat engine is shut down")
-            if len(self._waiting) >= self.config.max_queue:
-                raise EngineBusy("the chat queue is full")
-            self._waiting.append((req, stream))
-            self._lock.notify()
+        """Queue a request; events arrive on `stream`. Raises EngineBusy or ContextTooLong
+        before anything is queued. A request with a grammar must bring its sampler (made by
+        `make_sampler` off the event loop), so the scheduler thread never compiles one."""
+        try:
+            if len(req.prompt) + req.max_tokens > self.ctx_per_seq:
+                raise ContextTooLong(f"prompt + max_tokens exceed {self.ctx_per_seq} tokens")
+            if req.grammar and req.sampler is None:
+                raise ApplianceError("a request with a grammar needs its sampler made first")
+            with self._lock:
+                if self._stop:
+                    raise ApplianceError("the chat engine is shut down")
+                if len(self._waiting) >= self.config.max_queue:
+                    raise EngineBusy("the chat queue is full")
+                self._waiting.append((req, stream))
+                self._lock.notify()
+        except ApplianceError:
+            self.discard(req)
+            raise
+
+    def discard(self, req: GenerationRequest) -> None:
+        """Free a request's prepared sampler (it will not run)."""
+        if req.sampler is not None:
+            self._ll.llama_sampler_free(req.sampler)
+            req.sampler = None
 
     @property
     def queue_depth(self) -> int:
@@ -409,6 +423,8 @@ class ChatEngine:
         ll = self._ll
         for seq in self._active:
             ll.llama_sampler_free(seq.sampler)
+        for req, _ in self._waiting:
+            self.discard(req)
         ll.llama_batch_free(self._batch)
         ll.llama_free(self._ctx)
         ll.llama_model_free(self._model)
@@ -420,13 +436,14 @@ class ChatEngine:
         while self._waiting and self._free_ids:
             req, stream = self._waiting.popleft()
             if stream.cancelled:
+                self.discard(req)
                 self._outbox.put(stream, Finish("cancelled", len(req.prompt), 0))
                 continue
             if self._prefix_in_flight(req.prompt):
                 held.append((req, stream))  # admitted once that prefill is done, then copied
                 continue
             try:
-                sampler = self.make_sampler(req)
+                sampler, req.sampler = req.sampler or self.make_sampler(req), None
             except ApplianceError as exc:
                 self._outbox.put(stream, Finish("error", len(req.prompt), 0, error=exc.message))
                 continue
