@@ -259,3 +259,45 @@ def test_lone_surrogate_names_the_field(target: Target) -> None:
     assert status == 400
     error = assert_openai_error(body, "invalid_text")
     assert error["param"] == "messages.1.content"
+
+
+def test_keyed_client_served_during_unauthenticated_request_flood(target: Target) -> None:
+    """Eight clients send requests with a wrong key as fast as they can (each gets its 401 and
+    its connection closed) while the OpenAI client works."""
+    stop = threading.Event()
+    refused = [0]
+
+    def hammer(source: str) -> None:
+        while not stop.is_set():
+            try:
+                with target.connect(source) as sock:
+                    sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n"
+                                 b"Authorization: Bearer wrong\r\n\r\n")
+                    status, headers, body = read_response(sock)
+                    assert status == 401 and headers["connection"] == "close"
+                    refused[0] += 1
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=hammer, args=(f"127.0.0.{50 + i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        client = OpenAI(base_url=f"http://127.0.0.1:{target.port}/v1", api_key=target.key,
+                        max_retries=0, timeout=10)
+        latencies = []
+        for _ in range(20):
+            start = time.monotonic()
+            assert client.models.list().data == []
+            latencies.append(time.monotonic() - start)
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    latencies.sort()
+    print(f"401 flood: {refused[0]} refused; keyed client p50 {latencies[10] * 1000:.0f} ms, "
+          f"max {latencies[-1] * 1000:.0f} ms")
+    assert refused[0] > 100
+    assert latencies[-1] < 1.0

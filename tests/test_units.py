@@ -61,6 +61,8 @@ def test_sandbox_keeps_what_the_probe_needs() -> None:
     assert "After=network.target" in text and "network-online" not in text.replace(
         "network.target, not network-online.target", "")
     assert "IPAddressDeny=any" in text and "Type=notify" in text
+    # /run/appliance outlives a crash-restart: it records a model whose load crashed the service
+    assert "RuntimeDirectoryPreserve=restart" in text
 
 
 def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:
