@@ -68,8 +68,8 @@ def main() -> None:
         work = Path(tmp)
         install_bundle(PROJECT / "bundles" / "demo.toml", work / "root", work)
         sys.path.insert(0, str(PROJECT))
-        from appliance import recipe
-        from appliance.fetch import Resolver
+        from appliance.publish import recipe
+        from appliance.publish.fetch import Resolver
         r = recipe.load(PROJECT / "bundles" / "demo.toml")
         spec = next(m for m in r.models if m.id == MODEL)
         assert spec.weights.ref

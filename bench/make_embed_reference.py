@@ -28,8 +28,8 @@ SENTENCES = [
 
 
 def model_folder() -> Path:
-    from appliance import recipe
-    from appliance.fetch import Resolver
+    from appliance.publish import recipe
+    from appliance.publish.fetch import Resolver
     r = recipe.load(PROJECT / "bundles" / "demo.toml")
     spec = next(m for m in r.models if m.id == "all-minilm-l6-v2")
     assert spec.weights.ref is not None

@@ -18,8 +18,8 @@ from typing import Any
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance import signing
-from appliance.tarformat import TarWriter
+from appliance.bundle import signing
+from appliance.bundle.tarformat import TarWriter
 
 MODEL = "models/tiny"
 

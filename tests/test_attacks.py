@@ -17,7 +17,10 @@ import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from factory import MODEL, Factory, default_files, manifest_doc, snapshot
 
-from appliance import keys
+from appliance.bundle import keys
+from appliance.bundle.tarformat import BLOCK, header
+from appliance.device.install import import_bundle, verify_file
+from appliance.device.store import Layout, Store
 from appliance.errors import (
     ApplianceError,
     FormatError,
@@ -25,9 +28,6 @@ from appliance.errors import (
     RollbackError,
     SignatureError,
 )
-from appliance.install import import_bundle, verify_file
-from appliance.store import Layout, Store
-from appliance.tarformat import BLOCK, header
 
 
 def rejected(layout: Layout, bundle: Path, error: type[ApplianceError]) -> ApplianceError:
@@ -394,7 +394,7 @@ def test_file_used_as_folder(installed: Layout, factory: Factory) -> None:
 # --- helpers ----------------------------------------------------------------------------------
 
 def _sig_for(factory: Factory, spec: Any) -> bytes:
-    from appliance import signing
+    from appliance.bundle import signing
     return signing.sign(factory.manifest_bytes(spec), spec.keys)
 
 

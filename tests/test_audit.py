@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import cli_env, run_tool
 
-from appliance.audit import AuditLog
+from appliance.device.audit import AuditLog
 from appliance.errors import StoreError
 
 
@@ -86,7 +86,7 @@ def test_tampering_is_still_tampering(tmp_path: Path) -> None:
 _APPENDER = """
 import sys
 from pathlib import Path
-from appliance.audit import AuditLog
+from appliance.device.audit import AuditLog
 log = AuditLog(Path(sys.argv[1]))
 i = 0
 while True:

@@ -18,13 +18,13 @@ import pytest
 from conftest import Server, run_tool, start_server
 from factory import Factory
 
-from appliance import keys, signing
-from appliance import manifest as mf
-from appliance.install import import_bundle
-from appliance.runtime import Runtime
-from appliance.settings import Settings
-from appliance.store import Layout, Store
-from appliance.tarformat import TarWriter
+from appliance.bundle import keys, signing
+from appliance.bundle import manifest as mf
+from appliance.bundle.tarformat import TarWriter
+from appliance.device.install import import_bundle
+from appliance.device.store import Layout, Store
+from appliance.serve.runtime import Runtime
+from appliance.serve.settings import Settings
 
 WHISPER = "models/whisper-tiny.en/ct2/model.bin"
 
@@ -126,9 +126,9 @@ def test_health_and_status_name_the_failures(server: Server) -> None:
 _CRASH_WHILE_LOADING = """
 import os, sys
 from pathlib import Path
-from appliance.runtime import Runtime
-from appliance.settings import Settings
-from appliance.store import Layout
+from appliance.serve.runtime import Runtime
+from appliance.serve.settings import Settings
+from appliance.device.store import Layout
 def crash(self, inst, loaded):
     os.abort()  # as a native library would take the process down
 Runtime._load_chat = crash

@@ -100,11 +100,11 @@ def test_health_reports_a_dead_engine(smollm_gguf: Path) -> None:
 def test_model_without_a_chat_template_cannot_chat(engine: ChatEngine) -> None:
     from typing import Any
 
-    from appliance import manifest as mf
-    from appliance.protocol import ChatCompletionRequest
-    from appliance.routes import _prompt_tokens
-    from appliance.runtime import LoadedModel
-    from appliance.server import ApiError
+    from appliance.api.app import ApiError
+    from appliance.api.chat import _prompt_tokens
+    from appliance.api.protocol import ChatCompletionRequest
+    from appliance.bundle import manifest as mf
+    from appliance.serve.runtime import LoadedModel
 
     unused: Any = None
     base = LoadedModel("base-model", mf.Task.CHAT, "bench", 1, 0, unused, unused, engine=engine,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance import chat_template
+from appliance.engines import prompt as chat_template
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

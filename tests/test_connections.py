@@ -273,7 +273,7 @@ def test_keyed_client_served_during_unauthenticated_request_flood(target: Target
                 with target.connect(source) as sock:
                     sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n"
                                  b"Authorization: Bearer wrong\r\n\r\n")
-                    status, headers, body = read_response(sock)
+                    status, headers, _ = read_response(sock)
                     assert status == 401 and headers["connection"] == "close"
                     refused[0] += 1
             except OSError:

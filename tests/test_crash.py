@@ -12,7 +12,7 @@ from pathlib import Path
 from conftest import cli_env
 from factory import MODEL, Factory
 
-from appliance.store import Layout, Store
+from appliance.device.store import Layout, Store
 
 
 def _ctl(root: Path, *args: str, kill_at: int | None = None,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import run_tool
 
-from appliance import manifest as mf
+from appliance.bundle import manifest as mf
 
 pytestmark = pytest.mark.models
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from appliance import grammar
-from appliance.protocol import Tool, Unsupported
+from appliance.api import grammar
+from appliance.api.protocol import Tool, Unsupported
 
 HUGE = 20_000_000
 RF = "response_format.json_schema.schema"

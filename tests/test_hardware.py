@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import hardware
-from appliance import manifest as mf
+from appliance.bundle import manifest as mf
+from appliance.serve import hardware
 
 PROBES = Path(__file__).parent / "fixtures" / "probes"
 
@@ -107,7 +107,7 @@ def test_pinned_quantization() -> None:
 
 
 def test_recorded_h200_machine() -> None:
-    """Recorded with `python -m appliance.hardware` on a lent H200 machine whose Python had no
+    """Recorded with `python -m appliance.serve.hardware` on a lent H200 machine whose Python had no
     llama-cpp-python or CTranslate2: the GPU is seen, but no installed engine can use it."""
     data = json.loads((PROBES / "x86-64-h200-recorded.json").read_text())
     p = hardware.Probe.from_json(data)

@@ -19,7 +19,7 @@ import openai
 import pytest
 from conftest import Server, start_server
 
-from appliance import grammar
+from appliance.api import grammar
 
 pytestmark = pytest.mark.models
 MODEL = "smollm2-135m-instruct"

@@ -24,7 +24,7 @@ import openai
 import pytest
 from conftest import PROJECT, free_port
 
-from appliance.image import gpt_partitions
+from appliance.image.build import gpt_partitions
 
 pytestmark = pytest.mark.image
 TARGET = os.environ.get("IMAGE_TARGET", "x86_64-cpu")

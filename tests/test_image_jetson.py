@@ -22,9 +22,9 @@ import tomli_w
 from conftest import PROJECT
 from fakel4t import calls, fake_lsusb, make_l4t
 
-from appliance import imagewheels
-from appliance.imagectx import Context
-from appliance.target import load
+from appliance.image import wheels as imagewheels
+from appliance.image.context import Context
+from appliance.image.target import load
 
 pytestmark = pytest.mark.image
 MARKER = "/opt/nvidia/l4t-packages/.nv-l4t-disable-boot-fw-update-in-preinstall"

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import image, imagewheels
-from appliance.target import Architecture, load
+from appliance.image import build as image
+from appliance.image import wheels as imagewheels
+from appliance.image.target import Architecture, load
 
 
 def _build_dir(root: Path, sha: str, files: dict[str, str]) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fakel4t import calls, fake_lsusb, make_l4t
 
-from appliance.jetsonflash import flash_script
+from appliance.image.jetsonflash import flash_script
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the flash script insists on root")
 NVME = ("--external-device nvme0n1p1 -c tools/kernel_flash/flash_l4t_t234_nvme.xml "

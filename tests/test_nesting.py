@@ -9,8 +9,8 @@ import pytest
 from conftest import run_tool
 from factory import Factory
 
+from appliance.device.store import Layout
 from appliance.errors import FormatError
-from appliance.store import Layout
 from appliance.strict import MAX_DEPTH, parse_toml, toml_depth
 
 DEEP_ARRAY = "[" * 20_000 + "]" * 20_000  # 40 KB: under the 64 KiB cap of manifest.sig

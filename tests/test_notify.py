@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import notify
+from appliance.serve import notify
 
 
 def test_ready_then_watchdog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

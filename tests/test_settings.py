@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import settings
+from appliance.device.store import Layout
 from appliance.errors import FormatError, UsageError
-from appliance.store import Layout
+from appliance.serve import settings
 
 
 def write(root: Path, text: str) -> Layout:

@@ -9,10 +9,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from factory import Factory
 
-from appliance import keys
+from appliance.bundle import keys
+from appliance.device.install import import_bundle
+from appliance.device.store import Layout, Store
 from appliance.errors import StoreError, UsageError
-from appliance.install import import_bundle
-from appliance.store import Layout, Store
 
 
 def test_rollback_and_activate(installed: Layout, factory: Factory) -> None:

@@ -7,9 +7,9 @@ import asyncio
 import json
 from typing import Any
 
+from appliance.api.chat import _completion_stream
+from appliance.api.protocol import CompletionRequest
 from appliance.engines.chat import Finish, Stream, TokenEvent
-from appliance.protocol import CompletionRequest
-from appliance.routes import _completion_stream
 
 
 class _Connected:

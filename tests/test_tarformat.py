@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from appliance.bundle.tarformat import BLOCK, TarReader, TarWriter, header, parse_header
 from appliance.errors import FormatError
-from appliance.tarformat import BLOCK, TarReader, TarWriter, header, parse_header
 
 
 def test_roundtrip_with_python_tarfile_and_gnu_tar(tmp_path: Path) -> None:

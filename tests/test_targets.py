@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import target as tg
 from appliance.errors import FormatError, UsageError
+from appliance.image import target as tg
 
 NAMES = ["x86_64-cpu", "x86_64-cuda", "arm64", "jetson"]
 

@@ -6,9 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from appliance import bundle, keys
+from appliance.bundle import keys
 from appliance.cli.common import log, run
 from appliance.errors import UsageError
+from appliance.publish import build as bundle
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,12 +55,13 @@ def _main(args: argparse.Namespace) -> int:
         print(f"public key:  {args.out}.pub (trust it with `appliance-ctl keys add`)")
         return 0
     if args.command == "image-compare":
-        from appliance import image
+        from appliance.image import build as image
         for line in image.compare(args.a, args.b):
             print(line)
         return 0
     if args.command == "image":
-        from appliance import image, target
+        from appliance.image import build as image
+        from appliance.image import target
         args.cache.mkdir(parents=True, exist_ok=True)
         api_key = args.api_key_file.read_text().strip() if args.api_key_file else None
         folder = args.targets.resolve() if args.targets else target.TARGETS

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance import install
 from appliance.cli.common import Progress, run
+from appliance.device import install
+from appliance.device.store import Layout, Store
 from appliance.errors import UsageError
-from appliance.store import Layout, Store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -231,11 +231,11 @@ def _serve(args: argparse.Namespace, layout: Layout) -> int:
 
     import uvicorn
 
-    from appliance import notify
-    from appliance import settings as settings_mod
-    from appliance.connections import ConnectionLimits, guarded_protocol
-    from appliance.runtime import Runtime
-    from appliance.server import create_app
+    from appliance.api.app import create_app
+    from appliance.api.connections import ConnectionLimits, guarded_protocol
+    from appliance.serve import notify
+    from appliance.serve import settings as settings_mod
+    from appliance.serve.runtime import Runtime
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = settings_mod.load(layout)
@@ -296,7 +296,7 @@ serving on {base}  (Ctrl-C stops)
 
 
 def _probe(args: argparse.Namespace, layout: Layout) -> int:
-    from appliance import hardware
+    from appliance.serve import hardware
     print(json.dumps(hardware.probe().to_json(), indent=2))
     return 0
 
@@ -304,9 +304,9 @@ def _probe(args: argparse.Namespace, layout: Layout) -> int:
 def _apikey(args: argparse.Namespace, layout: Layout) -> int:
     import secrets
 
+    from appliance.api.app import hash_key
     from appliance.fsutil import atomic_write
-    from appliance.server import hash_key
-    from appliance.settings import api_keys_path, read_api_keys
+    from appliance.serve.settings import api_keys_path, read_api_keys
 
     path = api_keys_path(layout)
     keys = read_api_keys(path)

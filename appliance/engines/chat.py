@@ -49,7 +49,7 @@ import numpy as np
 from appliance.engines.lanes import CoreLanes
 from appliance.engines.textstream import TextAssembler
 from appliance.errors import ApplianceError
-from appliance.hardware import physical_cores
+from appliance.serve.hardware import physical_cores
 
 __all__ = ["ChatEngine", "EngineConfig", "Finish", "GenerationRequest", "Sampling", "Stream",
            "TokenEvent"]

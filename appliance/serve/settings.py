@@ -44,8 +44,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from appliance.device.store import Layout
 from appliance.errors import FormatError, UsageError
-from appliance.store import Layout
 from appliance.strict import load_toml
 
 MAX_SETTINGS = 64 * 1024

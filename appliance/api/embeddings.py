@@ -11,12 +11,12 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from appliance import manifest as mf
+from appliance.api.app import ApiError
+from appliance.api.chat import MAX_CHARS_PER_TOKEN
+from appliance.api.protocol import EmbeddingRequest, Unsupported
+from appliance.bundle import manifest as mf
 from appliance.engines.embed import BadTokens, TooLong, truncate
-from appliance.protocol import EmbeddingRequest, Unsupported
-from appliance.routes import MAX_CHARS_PER_TOKEN
-from appliance.runtime import Runtime
-from appliance.server import ApiError
+from appliance.serve.runtime import Runtime
 
 router = APIRouter()
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ApplianceError
-from appliance.target import Target
+from appliance.image.target import Target
 
 Log = Callable[[str], None]
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 UBUNTU_KEYRING = Path("/usr/share/keyrings/ubuntu-archive-keyring.gpg")  # Debian's ubuntu-keyring
 TOOLS = {  # binary -> Debian package
     "mmdebstrap": "mmdebstrap", "genimage": "genimage", "mke2fs": "e2fsprogs",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from appliance import manifest as mf
+from appliance.bundle import manifest as mf
 from appliance.errors import FormatError, StoreError
 from appliance.strict import Fields, load_toml
 

@@ -21,11 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import manifest as mf
-from appliance.audit import AuditLog
+from appliance.bundle import manifest as mf
+from appliance.bundle.keys import TrustStore
+from appliance.device.audit import AuditLog
 from appliance.errors import IntegrityError, RollbackError, StoreError, UsageError
 from appliance.fsutil import atomic_symlink, atomic_write, fsync_dir
-from appliance.keys import TrustStore
 
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"

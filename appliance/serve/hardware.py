@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from appliance import manifest as mf
+from appliance.bundle import manifest as mf
 
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16",
               "amx_tile", "neon", "asimd", "sve")
@@ -258,7 +258,7 @@ def choose(p: Probe, model: mf.Model, prefer: str = "auto", memory_fraction: flo
     return Choice(best, mf.Backend.CPU, 0.0, cpu_threads, why)
 
 
-def main() -> None:  # pragma: no cover - `python -m appliance.hardware` for recording fixtures
+def main() -> None:  # pragma: no cover - `python -m appliance.serve.hardware` records fixtures
     print(json.dumps(probe().to_json(), indent=2))
 
 

@@ -23,14 +23,16 @@ import time
 import uuid
 from pathlib import Path
 
-from appliance import bundle as bundle_mod
-from appliance import imagewheels, jetsonflash, keys
+from appliance.api.app import hash_key
+from appliance.bundle import keys
+from appliance.device.install import import_bundle
+from appliance.device.store import Layout
 from appliance.errors import UsageError
-from appliance.imagectx import PROJECT, Context, ImageError, Log, need, run
-from appliance.install import import_bundle
-from appliance.server import hash_key
-from appliance.store import Layout
-from appliance.target import Architecture, ImageFormat, Stack, Target
+from appliance.image import jetsonflash
+from appliance.image import wheels as imagewheels
+from appliance.image.context import PROJECT, Context, ImageError, Log, need, run
+from appliance.image.target import Architecture, ImageFormat, Stack, Target
+from appliance.publish import build as bundle_mod
 
 # --- steps ----------------------------------------------------------------------------------
 

@@ -12,8 +12,18 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from appliance import __version__, chat_template, grammar
-from appliance import manifest as mf
+from appliance import __version__
+from appliance.api import grammar
+from appliance.api.app import ApiError, sse, sse_error
+from appliance.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    NamedToolChoice,
+    Sampled,
+    Unsupported,
+)
+from appliance.bundle import manifest as mf
+from appliance.engines import prompt as chat_template
 from appliance.engines.chat import (
     ContextTooLong,
     EngineBusy,
@@ -24,15 +34,7 @@ from appliance.engines.chat import (
     Stream,
     TokenEvent,
 )
-from appliance.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    NamedToolChoice,
-    Sampled,
-    Unsupported,
-)
-from appliance.runtime import LoadedModel, Runtime
-from appliance.server import ApiError, sse, sse_error
+from appliance.serve.runtime import LoadedModel, Runtime
 
 router = APIRouter()
 DISCONNECT_POLL = 0.5

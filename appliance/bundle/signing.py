@@ -15,8 +15,8 @@ import tomli_w
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from appliance.bundle.keys import key_id
 from appliance.errors import SignatureError
-from appliance.keys import key_id
 from appliance.strict import parse_toml
 
 MAX_SIG_FILE = 64 * 1024

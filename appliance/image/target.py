@@ -16,7 +16,7 @@ from pathlib import Path
 from appliance.errors import StoreError, UsageError
 from appliance.strict import Fields, load_toml
 
-TARGETS = Path(__file__).resolve().parent.parent / "build" / "targets"
+TARGETS = Path(__file__).resolve().parents[2] / "build" / "targets"
 PACKAGE = re.compile(r"[a-z0-9][a-z0-9.+-]{0,99}")
 RELEASE = re.compile(r"[a-z][a-z0-9-]{1,31}")
 MIN_ESP_MB = 260  # OVMF ignores a smaller FAT32 ESP

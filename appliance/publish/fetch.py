@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance.errors import FetchError, FormatError
-from appliance.recipe import RECIPE_KEY, Recipe, Source
+from appliance.publish.recipe import RECIPE_KEY, Recipe, Source
 
 Log = Callable[[str], None]
 CHUNK = 1024 * 1024

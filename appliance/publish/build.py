@@ -14,12 +14,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance import convert, signing
-from appliance import manifest as mf
-from appliance import recipe as rc
+from appliance.bundle import manifest as mf
+from appliance.bundle import signing
+from appliance.bundle.tarformat import TarWriter
 from appliance.errors import FormatError, StoreError
-from appliance.fetch import Resolver, sha256_file
-from appliance.tarformat import TarWriter
+from appliance.publish import convert
+from appliance.publish import recipe as rc
+from appliance.publish.fetch import Resolver, sha256_file
 
 Log = Callable[[str], None]
 # Rough resident memory per byte of weights, plus a fixed overhead, when the recipe gives none.

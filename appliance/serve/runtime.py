@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance import __version__, hardware
-from appliance import manifest as mf
+from appliance import __version__
+from appliance.bundle import manifest as mf
+from appliance.device.store import Installed, Layout, Store
 from appliance.errors import ApplianceError
 from appliance.fsutil import atomic_write
-from appliance.settings import Settings
-from appliance.store import Installed, Layout, Store
+from appliance.serve import hardware
+from appliance.serve.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.datastructures import UploadFile
 
-from appliance import audio
-from appliance import manifest as mf
+from appliance.api.app import ApiError, sse, sse_error
+from appliance.api.protocol import Unsupported
+from appliance.bundle import manifest as mf
+from appliance.engines import audio
 from appliance.engines.transcribe import Segment, Transcript
 from appliance.errors import ApplianceError
-from appliance.protocol import Unsupported
-from appliance.runtime import LoadedModel, Runtime
-from appliance.server import ApiError, sse, sse_error
+from appliance.serve.runtime import LoadedModel, Runtime
 
 router = APIRouter()
 FORMATS = ("json", "text", "srt", "verbose_json", "vtt")

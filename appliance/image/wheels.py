@@ -23,8 +23,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from appliance.imagectx import PROJECT, Context, ImageError, run, wheel_cache
-from appliance.target import Architecture
+from appliance.image.context import PROJECT, Context, ImageError, run, wheel_cache
+from appliance.image.target import Architecture
 
 LLAMA_VERSION = "0.3.36"
 SYSTEMD_PYTHON = "systemd-python==235"

@@ -20,11 +20,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from appliance import textcheck
-from appliance.connections import mark_keyed
-from appliance.protocol import Unsupported, error_body
-from appliance.runtime import ModelNotFound, ModelUnavailable, Runtime
-from appliance.settings import Settings
+from appliance.api import textcheck
+from appliance.api.connections import mark_keyed
+from appliance.api.protocol import Unsupported, error_body
+from appliance.serve.runtime import ModelNotFound, ModelUnavailable, Runtime
+from appliance.serve.settings import Settings
 
 log = logging.getLogger(__name__)
 Scope = MutableMapping[str, Any]
@@ -206,7 +206,9 @@ def create_app(runtime: Runtime, settings: Settings) -> Any:
         return ApiError(500, "internal error; see the appliance's journal", "server_error"
                         ).response()
 
-    from appliance import routes, routes_audio, routes_embeddings
+    from appliance.api import audio as routes_audio
+    from appliance.api import chat as routes
+    from appliance.api import embeddings as routes_embeddings
     app.include_router(routes.router)
     app.include_router(routes_embeddings.router)
     app.include_router(routes_audio.router)

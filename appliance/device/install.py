@@ -26,13 +26,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from appliance import manifest as mf
-from appliance import signing
+from appliance.bundle import manifest as mf
+from appliance.bundle import signing
+from appliance.bundle.tarformat import Member, TarReader
+from appliance.device.store import STAGING_PREFIX, Installed, Layout, Store
 from appliance.errors import ApplianceError, FormatError, IntegrityError, RollbackError, StoreError
 from appliance.faults import checkpoint
 from appliance.fsutil import fsync_dir
-from appliance.store import STAGING_PREFIX, Installed, Layout, Store
-from appliance.tarformat import Member, TarReader
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 SPACE_MARGIN = 64 * 1024 * 1024
