@@ -117,14 +117,19 @@ def load_toml(data: bytes, origin: str, max_bytes: int) -> Fields:
 class Fields:
     """A TOML table being read; call `done()` after the last field to reject unknown keys."""
 
-    def __init__(self, table: dict[str, Any], origin: str, prefix: str = "") -> None:
+    def __init__(self, table: dict[str, Any], origin: str, prefix: str = "",
+                 labels: dict[str, str] | None = None) -> None:
         self._table = table
         self._origin = origin
         self._prefix = prefix
         self._seen: set[str] = set()
+        self._labels = labels or {}  # dotted key -> where its value came from, if elsewhere
 
     def where(self, key: str) -> str:
-        return f"{self._origin}: {self._prefix}{key}"
+        full = f"{self._prefix}{key}"
+        if full in self._labels:
+            return f"{self._labels[full]} ({full})"
+        return f"{self._origin}: {full}"
 
     def fail(self, key: str, problem: str) -> FormatError:
         return FormatError(f"{self.where(key)} {problem}")
@@ -245,7 +250,7 @@ class Fields:
             return None
         if not isinstance(value, dict):
             raise self.fail(key, "must be a table")
-        return Fields(value, self._origin, f"{self._prefix}{key}.")
+        return Fields(value, self._origin, f"{self._prefix}{key}.", self._labels)
 
     def tables(self, key: str, *, required: bool = True, max_items: int = 4096) -> Iterator[Fields]:
         value = self._get(key, required)

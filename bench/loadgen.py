@@ -200,7 +200,8 @@ def install_bundle(recipe: Path, root: Path, work: Path) -> Any:
     run(ctl, "keys", "add", str(work / "k.pub"))
     run(ctl, "bundle", "import", str(next((work / "out").glob("*.bundle"))))
     sys.path.insert(0, str(PROJECT))
-    from appliance.device.store import Layout, Store
+    from appliance.device.layout import Layout
+    from appliance.device.store import Store
     return Store(Layout(root)).active_bundles()[0]
 
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.bundle import keys
 from appliance.device.install import import_bundle
-from appliance.device.store import Layout
+from appliance.device.layout import Layout
 
 sys.path.insert(0, str(Path(__file__).parent))
 from factory import Factory
@@ -140,7 +140,8 @@ def smollm_gguf(tmp_path_factory: pytest.TempPathFactory, demo_bundles: tuple[Pa
     keys_dir, out = demo_bundles
     assert run_tool("ctl", root, "keys", "add", str(keys_dir / "k.pub")).returncode == 0
     assert run_tool("ctl", root, "bundle", "import", str(out / "demo-1.bundle")).returncode == 0
-    from appliance.device.store import Layout, Store
+    from appliance.device.layout import Layout
+    from appliance.device.store import Store
     inst = Store(Layout(root)).load("demo", 1)
     model = next(m for m in inst.manifest.models if m.task.value == "chat")
     return inst.file(model.variants[0].path)

@@ -20,7 +20,8 @@ from factory import MODEL, Factory, default_files, manifest_doc, snapshot
 from appliance.bundle import keys
 from appliance.bundle.tarformat import BLOCK, header
 from appliance.device.install import import_bundle, verify_file
-from appliance.device.store import Layout, Store
+from appliance.device.layout import Layout
+from appliance.device.store import Store
 from appliance.errors import (
     ApplianceError,
     FormatError,

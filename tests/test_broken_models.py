@@ -22,7 +22,8 @@ from appliance.bundle import keys, signing
 from appliance.bundle import manifest as mf
 from appliance.bundle.tarformat import TarWriter
 from appliance.device.install import import_bundle
-from appliance.device.store import Layout, Store
+from appliance.device.layout import Layout
+from appliance.device.store import Store
 from appliance.serve.runtime import Runtime
 from appliance.serve.settings import Settings
 
@@ -128,7 +129,7 @@ import os, sys
 from pathlib import Path
 from appliance.serve.runtime import Runtime
 from appliance.serve.settings import Settings
-from appliance.device.store import Layout
+from appliance.device.layout import Layout
 def crash(self, inst, loaded):
     os.abort()  # as a native library would take the process down
 Runtime._load_chat = crash

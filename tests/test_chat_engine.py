@@ -98,22 +98,15 @@ def test_health_reports_a_dead_engine(smollm_gguf: Path) -> None:
 
 
 def test_model_without_a_chat_template_cannot_chat(engine: ChatEngine) -> None:
-    from typing import Any
-
-    from appliance.api.app import ApiError
-    from appliance.api.chat import _prompt_tokens
-    from appliance.api.protocol import ChatCompletionRequest
-    from appliance.bundle import manifest as mf
-    from appliance.serve.runtime import LoadedModel
-
-    unused: Any = None
-    base = LoadedModel("base-model", mf.Task.CHAT, "bench", 1, 0, unused, unused, engine=engine,
-                       template=None)
-    req = ChatCompletionRequest(model="base-model", messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(ApiError) as info:
-        _prompt_tokens(base, req)
+    from appliance.engines.chat import NoTemplate
+    kept, engine.template = engine.template, None
+    try:
+        with pytest.raises(NoTemplate) as info:
+            engine.chat_prompt([{"role": "user", "content": "hi"}])
+    finally:
+        engine.template = kept
     assert info.value.status == 400 and info.value.code == "no_chat_template"
-    assert "base-model" in info.value.message
+    assert engine.chat_prompt([{"role": "user", "content": "hi"}])  # with its template
 
 
 def _answer(engine: ChatEngine, prompt: list[int], n: int = 12) -> str:

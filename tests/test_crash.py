@@ -12,7 +12,8 @@ from pathlib import Path
 from conftest import cli_env
 from factory import MODEL, Factory
 
-from appliance.device.store import Layout, Store
+from appliance.device.layout import Layout
+from appliance.device.store import Store
 
 
 def _ctl(root: Path, *args: str, kill_at: int | None = None,

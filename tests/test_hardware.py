@@ -88,7 +88,7 @@ def test_llama_build_without_gpu_offload_falls_back() -> None:
 
 
 def test_nothing_fits() -> None:
-    with pytest.raises(ValueError, match="no variant of m fits"):
+    with pytest.raises(hardware.NoVariant, match="no variant of m fits"):
         hardware.choose(probe("apple-m2-16gb"), BIG_CHAT)
 
 
@@ -102,7 +102,7 @@ def test_live_probe_of_this_machine() -> None:
 def test_pinned_quantization() -> None:
     p = probe("x86-64-cpu-2core")
     assert hardware.choose(p, EMBED, quantization="fp32").variant.quantization == "fp32"
-    with pytest.raises(ValueError, match="no Q8_0 variant"):
+    with pytest.raises(hardware.NoVariant, match="no Q8_0 variant"):
         hardware.choose(p, EMBED, quantization="Q8_0")
 
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import run_tool
 from factory import Factory
 
-from appliance.device.store import Layout
+from appliance.device.layout import Layout
 from appliance.errors import FormatError
 from appliance.strict import MAX_DEPTH, parse_toml, toml_depth
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.device.store import Layout
+from appliance.device.layout import Layout
 from appliance.errors import FormatError, UsageError
 from appliance.serve import settings
 
@@ -40,6 +40,32 @@ def test_bad_environment(tmp_path: Path) -> None:
         settings.load(Layout(tmp_path), env={"APPLIANCE_PORT": "eighty"})
 
 
+@pytest.mark.parametrize(("env", "message"), [
+    ({"APPLIANCE_PARALLEL": "0"}, r"APPLIANCE_PARALLEL \(chat.parallel\) must be between 1"),
+    ({"APPLIANCE_PORT": "-5"}, r"APPLIANCE_PORT \(server.port\) must be between 1 and 65535"),
+    ({"APPLIANCE_PREFER": "gpu"}, r"APPLIANCE_PREFER \(hardware.prefer\) must be auto or cpu"),
+    ({"APPLIANCE_AUX_CORES": "0"}, r"APPLIANCE_AUX_CORES \(hardware.aux_cores\)"),
+])
+def test_environment_passes_the_same_validator(tmp_path: Path, env: dict[str, str],
+                                               message: str) -> None:
+    """One validator for both sources: a value the file may not hold, the environment may
+    not either, and the error names the variable."""
+    with pytest.raises(FormatError, match=message):
+        settings.load(Layout(tmp_path), env=env)
+    key = next(iter(env)).removeprefix("APPLIANCE_").lower()
+    table = settings.ENV[next(iter(env))][0]
+    value = env[next(iter(env))]
+    text = f"[{table}]\n{key} = {value if value.lstrip('-').isdigit() else repr(value)}\n"
+    with pytest.raises(FormatError, match="must be"):
+        settings.load(write(tmp_path, text), env={})
+
+
+def test_environment_overrides_a_file_table(tmp_path: Path) -> None:
+    layout = write(tmp_path, "[chat]\nparallel = 2\nbatch = 64\n")
+    s = settings.load(layout, env={"APPLIANCE_PARALLEL": "6", "APPLIANCE_HOST": "0.0.0.0"})
+    assert (s.parallel, s.batch, s.host) == (6, 64, "0.0.0.0")
+
+
 def test_auth_off_only_on_loopback(tmp_path: Path) -> None:
     ok = settings.load(Layout(tmp_path), env={"APPLIANCE_AUTH": "false"})
     ok.check()
@@ -52,7 +78,7 @@ def test_auth_off_only_on_loopback(tmp_path: Path) -> None:
 
 
 def test_api_keys_file(tmp_path: Path) -> None:
-    path = settings.api_keys_path(Layout(tmp_path))
+    path = Layout(tmp_path).api_keys
     path.parent.mkdir(parents=True)
     path.write_text("# comment\nlaptop " + "ab" * 32 + "\n")
     assert settings.load(Layout(tmp_path), env={}).api_key_hashes == ("ab" * 32,)

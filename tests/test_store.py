@@ -11,7 +11,8 @@ from factory import Factory
 
 from appliance.bundle import keys
 from appliance.device.install import import_bundle
-from appliance.device.store import Layout, Store
+from appliance.device.layout import Layout
+from appliance.device.store import Store
 from appliance.errors import StoreError, UsageError
 
 

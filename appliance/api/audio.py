@@ -8,7 +8,10 @@ format is found from the content.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,15 +19,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.datastructures import UploadFile
 
-from appliance.api.app import ApiError, sse, sse_error
-from appliance.api.protocol import Unsupported
-from appliance.bundle import manifest as mf
+from appliance.api.generation import DISCONNECT_POLL, runtime
+from appliance.api.sse import DONE, sse, sse_error
 from appliance.engines import audio
+from appliance.engines.base import TranscribeBackend
 from appliance.engines.transcribe import Segment, Transcript
-from appliance.errors import ApplianceError
-from appliance.serve.runtime import LoadedModel, Runtime
+from appliance.errors import RequestError, Unsupported
 
 router = APIRouter()
+# Transcriptions run for seconds to minutes: on threads of their own, so that they can never
+# take the default executor's few threads from the short jobs of other requests (tokenising).
+# Past the core lanes they wait inside (engines/lanes.py); past max_queue they are refused.
+AUDIO_WORKERS = ThreadPoolExecutor(32, thread_name_prefix="audio")
 FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 FIELDS = {"file", "model", "language", "prompt", "response_format", "temperature",
           "timestamp_granularities[]", "stream"}
@@ -86,11 +92,11 @@ def _text(fields: dict[str, Any], name: str, required: bool = False) -> str | No
 async def _read_form(request: Request) -> tuple[dict[str, list[Any]], bytes]:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
-        raise ApiError(400, "send the audio as multipart/form-data", param="file")
+        raise RequestError("send the audio as multipart/form-data", param="file")
     try:
         form = await request.form(max_files=1, max_fields=16)
     except Exception as exc:  # starlette raises several types for malformed multipart
-        raise ApiError(400, f"the form could not be read: {exc}", param="file") from None
+        raise RequestError(f"the form could not be read: {exc}", param="file") from None
     fields: dict[str, list[Any]] = {}
     for key, value in form.multi_items():
         if key not in FIELDS:
@@ -150,56 +156,71 @@ def _segment_json(s: Segment) -> dict[str, Any]:
 
 
 async def _handle(request: Request, translate: bool) -> Response:
-    runtime: Runtime = request.app.state.runtime
+    rt = runtime(request)
     fields, data = await _read_form(request)
     form = _Form(fields, translate)
-    model = runtime.get(form.model, mf.Task.TRANSCRIPTION)
-    try:
-        model.engine.check(form.language, translate)
-    except ApplianceError as exc:
-        raise Unsupported("model" if translate else "language", exc.message) from None
-    waiting: list[int] = request.app.state.audio_waiting  # one counter per app
-    if waiting[0] >= runtime.settings.max_queue:
-        raise ApiError(503, "the transcription queue is full; retry shortly", "server_error",
-                       code="server_busy", headers={"Retry-After": "5"})
-    waiting[0] += 1
+    served = rt.transcription(form.model)
+    engine = served.engine
+    engine.check(form.language, translate)
+    engine.admit()  # a place in the queue, or Busy; given back when decoding has ended
+    handed_over = False
+    loop = asyncio.get_running_loop()
     try:
         try:
-            pcm = await asyncio.to_thread(audio.decode, data, runtime.settings.max_audio_seconds)
+            pcm = await loop.run_in_executor(AUDIO_WORKERS, audio.decode, data,
+                                             rt.settings.max_audio_seconds)
         except audio.AudioError as exc:
             raise Unsupported("file", exc.message) from None
         kw = {"language": form.language, "prompt": form.prompt,
               "temperature": form.temperature, "translate": translate, "words": form.words}
         if form.stream:
-            return StreamingResponse(_stream(model, pcm, kw, waiting),
+            handed_over = True
+            return StreamingResponse(_stream(engine, pcm, kw, request),
                                      media_type="text/event-stream")
-        transcript = await asyncio.to_thread(model.engine.transcribe, pcm, **kw)
+        transcript = await loop.run_in_executor(
+            AUDIO_WORKERS, functools.partial(engine.transcribe, pcm, **kw))
     finally:
-        if not form.stream:
-            waiting[0] -= 1
+        if not handed_over:
+            engine.leave()
     return render(transcript, form)
 
 
-async def _stream(model: LoadedModel, pcm: Any, kw: dict[str, Any],
-                  waiting: list[int]) -> AsyncIterator[bytes]:
-    """Text deltas per segment as server-sent events, then the whole text."""
+def _stream(engine: TranscribeBackend, pcm: Any, kw: dict[str, Any],
+                  request: Request) -> AsyncIterator[bytes]:
+    """Text deltas per segment as server-sent events, then the whole text.
+
+    Decoding starts at once on a worker thread, which owns the queue place and gives it back
+    when it ends, whether or not this generator ever runs: a client that leaves before the
+    first chunk is never iterated for, so its place cannot depend on this generator."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
     gone = threading.Event()  # the client left: stop decoding after the current segment
 
     def work() -> None:
         try:
-            with model.engine.lanes.borrow("transcription"):
-                segments, _, _ = model.engine.stream(pcm, **kw)
-                for seg in segments:
-                    if gone.is_set():
-                        return
-                    loop.call_soon_threadsafe(queue.put_nowait, seg.text)
+            for seg in engine.segments(pcm, **kw):
+                if gone.is_set():
+                    return
+                loop.call_soon_threadsafe(queue.put_nowait, seg.text)
             loop.call_soon_threadsafe(queue.put_nowait, None)
         except BaseException as exc:  # handed to the client as an error event
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
+            with contextlib.suppress(RuntimeError):  # the loop may be gone
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+        finally:
+            engine.leave()
 
-    loop.run_in_executor(None, work)
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL)
+        gone.set()
+
+    AUDIO_WORKERS.submit(work)
+    watcher = asyncio.create_task(watch())
+    return _events(queue, gone, watcher)
+
+
+async def _events(queue: asyncio.Queue[str | BaseException | None], gone: threading.Event,
+                  watcher: asyncio.Task[None]) -> AsyncIterator[bytes]:
     parts: list[str] = []
     try:
         while True:
@@ -213,10 +234,10 @@ async def _stream(model: LoadedModel, pcm: Any, kw: dict[str, Any],
             parts.append(text)
             yield sse({"type": "transcript.text.delta", "delta": text})
         yield sse({"type": "transcript.text.done", "text": "".join(parts).strip()})
-        yield sse("[DONE]")
+        yield DONE
     finally:
         gone.set()
-        waiting[0] -= 1
+        watcher.cancel()
 
 
 @router.post("/v1/audio/transcriptions", response_model=None)

@@ -11,52 +11,46 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from appliance.api.app import ApiError
-from appliance.api.chat import MAX_CHARS_PER_TOKEN
-from appliance.api.protocol import EmbeddingRequest, Unsupported
-from appliance.bundle import manifest as mf
-from appliance.engines.embed import BadTokens, TooLong, truncate
-from appliance.serve.runtime import Runtime
+from appliance.api.errors import blame
+from appliance.api.generation import MAX_CHARS_PER_TOKEN, runtime
+from appliance.api.protocol import EmbeddingRequest
+from appliance.engines.embed import truncate
+from appliance.errors import ContextTooLong, Unsupported
 
 router = APIRouter()
 
 
 @router.post("/v1/embeddings", response_model=None)
 async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
-    runtime: Runtime = request.app.state.runtime
-    limits = runtime.settings
-    model = runtime.get(req.model, mf.Task.EMBEDDINGS)
-    engine = model.engine
+    rt = runtime(request)
+    limits = rt.settings
+    served = rt.embeddings(req.model)
+    engine = served.engine
     texts, token_lists = req.items()
     count = len(texts) or len(token_lists)
     if count > limits.max_embedding_inputs:
         raise Unsupported("input", f"{count} inputs; at most {limits.max_embedding_inputs} "
                                    "per request")
     if req.dimensions is not None and req.dimensions > engine.dimensions:
-        raise Unsupported("dimensions", f"{model.id} gives {engine.dimensions} dimensions; "
+        raise Unsupported("dimensions", f"{served.id} gives {engine.dimensions} dimensions; "
                                         f"{req.dimensions} is more than it has")
     per_input = engine.max_tokens * MAX_CHARS_PER_TOKEN
     for i, text in enumerate(texts):
         if len(text) > per_input:
             where = "input" if len(texts) == 1 else f"input.{i}"
-            raise ApiError(400, f"{where} has {len(text)} characters; this model takes at most "
-                                f"{engine.max_tokens} tokens", param=where,
-                           code="context_length_exceeded")
-    try:
-        ids = await asyncio.to_thread(engine.encode if texts else engine.wrap,
-                                      texts or token_lists)
-    except TooLong as exc:
-        raise ApiError(400, exc.message, param="input", code="context_length_exceeded") from None
-    except BadTokens as exc:
-        raise ApiError(400, exc.message, param="input", code="invalid_token_id") from None
-    tokens = sum(len(row) for row in ids)
-    if tokens > limits.max_embedding_tokens:
-        raise Unsupported("input", f"{tokens} tokens; at most {limits.max_embedding_tokens} "
-                                   "per request")
-    vectors = await asyncio.wrap_future(engine.submit(ids))
+            raise ContextTooLong(f"{where} has {len(text)} characters; this model takes at "
+                                 f"most {engine.max_tokens} tokens", param=where)
+    with blame("input"):
+        ids = await (asyncio.to_thread(engine.encode, texts) if texts
+                     else asyncio.to_thread(engine.wrap, token_lists))
+        tokens = sum(len(row) for row in ids)
+        if tokens > limits.max_embedding_tokens:
+            raise Unsupported("input", f"{tokens} tokens; at most "
+                                       f"{limits.max_embedding_tokens} per request")
+        vectors = await asyncio.wrap_future(engine.submit(ids))
     if req.dimensions is not None and req.dimensions < engine.dimensions:
         vectors = truncate(vectors, req.dimensions)
-    head = {"object": "list", "model": model.id,
+    head = {"object": "list", "model": served.id,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
     body = await asyncio.to_thread(_body, vectors, req.encoding_format == "base64", head)
     return Response(body, media_type="application/json")

@@ -14,7 +14,8 @@ import json
 import re
 from typing import Any
 
-from appliance.api.protocol import Tool, Unsupported
+from appliance.api.protocol import Tool
+from appliance.errors import Unsupported
 
 MAX_SCHEMA_DEPTH = 32  # nested objects, arrays and combinators
 MAX_SCHEMA_NODES = 4096  # objects and arrays in one schema

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from appliance.errors import Unsupported
+
 MAX_STOP = 4
 MAX_STOP_CHARS = 256  # stop strings are matched at every token: keep that cheap
 MAX_MESSAGES = 4096
@@ -18,14 +20,6 @@ MAX_MESSAGES = 4096
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class Unsupported(ValueError):
-    """A known OpenAI parameter this server does not implement; answered with 400 + param."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 class TextPart(Strict):
@@ -225,11 +219,6 @@ class CompletionRequest(Sampled):
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else self.prompt
-
-
-def error_body(message: str, type_: str, param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 class EmbeddingRequest(Strict):

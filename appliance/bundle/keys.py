@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -16,8 +15,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from appliance.errors import FormatError, StoreError, UsageError
-from appliance.fsutil import atomic_write
-from appliance.strict import parse_toml
 
 MAX_KEY_FILE = 16 * 1024
 
@@ -58,7 +55,7 @@ def generate(prefix: Path) -> str:
     return key_id(private.public_key())
 
 
-def _read_small(path: Path) -> bytes:
+def read_small(path: Path) -> bytes:
     try:
         with path.open("rb") as f:
             data = f.read(MAX_KEY_FILE + 1)
@@ -71,7 +68,7 @@ def _read_small(path: Path) -> bytes:
 
 def load_private(path: Path) -> Ed25519PrivateKey:
     try:
-        key = serialization.load_pem_private_key(_read_small(path), password=None)
+        key = serialization.load_pem_private_key(read_small(path), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise FormatError(f"{path} is not an unencrypted PEM private key") from exc
     if not isinstance(key, Ed25519PrivateKey):
@@ -90,69 +87,4 @@ def parse_public(data: bytes, origin: str) -> Ed25519PublicKey:
 
 
 def load_public(path: Path) -> Ed25519PublicKey:
-    return parse_public(_read_small(path), str(path))
-
-
-@dataclass(frozen=True)
-class TrustStore:
-    """The device's trusted signing keys and how many of them must sign a bundle."""
-
-    path: Path
-
-    @property
-    def policy_path(self) -> Path:
-        return self.path / "policy.toml"
-
-    def keys(self) -> dict[str, Ed25519PublicKey]:
-        """All trusted keys by id. A file whose name disagrees with its key is an error."""
-        if not self.path.is_dir():
-            return {}
-        found: dict[str, Ed25519PublicKey] = {}
-        for entry in sorted(self.path.glob("*.pub")):
-            key = load_public(entry)
-            kid = key_id(key)
-            if entry.name != f"{kid}.pub":
-                raise StoreError(
-                    f"trust store file {entry.name} holds key {kid[:16]}…",
-                    hint="remove it and add the key again with `appliance-ctl keys add`",
-                )
-            found[kid] = key
-        return found
-
-    def threshold(self) -> int:
-        if not self.policy_path.exists():
-            return 1
-        try:
-            text = _read_small(self.policy_path).decode()
-        except UnicodeDecodeError as exc:
-            raise StoreError(f"{self.policy_path} is not UTF-8") from exc
-        policy = parse_toml(text, str(self.policy_path), StoreError, max_depth=1)
-        value = policy.get("threshold", 1)
-        if set(policy) - {"threshold"} or not isinstance(value, int) or isinstance(value, bool):
-            raise StoreError(f"{self.policy_path}: only `threshold = <integer>` is allowed")
-        if value < 1:
-            raise StoreError(f"{self.policy_path}: threshold must be at least 1")
-        return value
-
-    def set_threshold(self, value: int) -> None:
-        if value < 1:
-            raise UsageError("threshold must be at least 1")
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.policy_path, f"threshold = {value}\n".encode())
-
-    def add(self, pub_file: Path) -> str:
-        key = load_public(pub_file)
-        kid = key_id(key)
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path / f"{kid}.pub", public_pem(key))
-        return kid
-
-    def remove(self, kid_prefix: str) -> str:
-        matches = [k for k in self.keys() if k.startswith(kid_prefix.lower())]
-        if len(kid_prefix) < 8 or len(matches) != 1:
-            raise UsageError(
-                f"no single trusted key matches {kid_prefix!r}",
-                hint="give at least 8 hex digits of a key id from `appliance-ctl keys list`",
-            )
-        (self.path / f"{matches[0]}.pub").unlink()
-        return matches[0]
+    return parse_public(read_small(path), str(path))

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from appliance.cli.common import Progress, run
-from appliance.device import install
-from appliance.device.store import Layout, Store
+from appliance.device import actions, apikeys, install
+from appliance.device.layout import Layout
+from appliance.device.store import Store
 from appliance.errors import UsageError
 
 
@@ -91,13 +90,11 @@ def _bundle(args: argparse.Namespace, layout: Layout) -> int:
             active = store.active(name)
             seqs = ", ".join(f"{s}{'*' if s == active else ''}" for s in store.sequences(name))
             print(f"{name}: {seqs or 'none'} (highest ever {store.highwater(name)})")
+    elif args.action == "activate":
+        previous = actions.activate(layout, args.name, args.sequence)
+        print(f"{args.name}: sequence {args.sequence} active (was {previous})")
     else:
-        with store.locked():
-            store.cleanup()
-            seq = args.sequence if args.action == "activate" else store.rollback_target(args.name)
-            previous = store.activate(args.name, seq)
-            layout.audit.append(args.action, bundle=args.name, sequence=seq, previous=previous,
-                                result="ok")
+        seq, previous = actions.rollback(layout, args.name)
         print(f"{args.name}: sequence {seq} active (was {previous})")
     return 0
 
@@ -110,7 +107,6 @@ def _print_models(manifest: Any) -> None:
 
 def _keys(args: argparse.Namespace, layout: Layout) -> int:
     trust = layout.trust
-    store = Store(layout)
     if args.action == "list":
         for kid in trust.keys():  # noqa: SIM118 - TrustStore.keys() reads the folder
             print(kid)
@@ -119,19 +115,13 @@ def _keys(args: argparse.Namespace, layout: Layout) -> int:
     if args.action == "threshold" and args.value is None:
         print(trust.threshold())
         return 0
-    with store.locked():
-        if args.action == "add":
-            kid = trust.add(args.file)
-            layout.audit.append("key-add", keyid=kid, result="ok")
-            print(f"trusted {kid}")
-        elif args.action == "remove":
-            kid = trust.remove(args.keyid)
-            layout.audit.append("key-remove", keyid=kid, result="ok")
-            print(f"removed {kid}")
-        else:
-            trust.set_threshold(args.value)
-            layout.audit.append("key-threshold", threshold=args.value, result="ok")
-            print(f"threshold {args.value}")
+    if args.action == "add":
+        print(f"trusted {actions.trust_key(layout, args.file)}")
+    elif args.action == "remove":
+        print(f"removed {actions.distrust_key(layout, args.keyid)}")
+    else:
+        actions.set_threshold(layout, args.value)
+        print(f"threshold {args.value}")
     return 0
 
 
@@ -227,50 +217,8 @@ def _status(args: argparse.Namespace, layout: Layout) -> int:
 
 
 def _serve(args: argparse.Namespace, layout: Layout) -> int:
-    import logging
-
-    import uvicorn
-
-    from appliance.api.app import create_app
-    from appliance.api.connections import ConnectionLimits, guarded_protocol
-    from appliance.serve import notify
-    from appliance.serve import settings as settings_mod
-    from appliance.serve.runtime import Runtime
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = settings_mod.load(layout)
-    cfg.check()
-    runtime = Runtime(layout, cfg)
-    runtime.load()
-    for model_id, info in runtime.status()["models"].items():
-        state = "loaded" if info["loaded"] else f"not loaded: {info['error']}"
-        print(f"{model_id}: {info['backend']}/{info['quantization']} ({info['reason']}); {state}",
-              file=sys.stderr)
-    app = create_app(runtime, cfg)
-    _banner(cfg, [m.id for m in runtime.served() if m.task.value == "chat"])
-
-    def healthy() -> tuple[bool, str]:
-        report = runtime.health()
-        engines = ", ".join(f"{k} {v}" for k, v in report["engines"].items())
-        failed = ", ".join(f"{k} failed to load" for k in report.get("failed", {}))
-        line = "; ".join(p for p in (engines, failed) if p) or "no models"
-        return not runtime.restart_would_help(), f"{report['status']}: {line}"
-
-    notify.supervise(cfg.host, cfg.port, healthy)
-    # The models are loaded: keep what exists now out of the collector's walks, and collect
-    # young objects less often; a collection pauses the token path of every stream at once.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
-    # Connections are limited below HTTP (appliance/connections.py): timeouts, header size,
-    # per-address and total caps with JSON refusals; uvicorn's own plain-text limit is off.
-    limits = ConnectionLimits(
-        max_connections=cfg.max_connections, per_client=cfg.max_connections_per_client,
-        header_timeout=cfg.header_timeout, idle_timeout=cfg.idle_timeout,
-        max_header_bytes=cfg.max_header_kb * 1024)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5, timeout_keep_alive=5, http=guarded_protocol(limits),
-                server_header=False)
+    from appliance.serve.service import serve
+    serve(layout, announce=_banner)
     return 0
 
 
@@ -302,74 +250,30 @@ def _probe(args: argparse.Namespace, layout: Layout) -> int:
 
 
 def _apikey(args: argparse.Namespace, layout: Layout) -> int:
-    import secrets
-
-    from appliance.api.app import hash_key
-    from appliance.fsutil import atomic_write
-    from appliance.serve.settings import api_keys_path, read_api_keys
-
-    path = api_keys_path(layout)
-    keys = read_api_keys(path)
     if args.action == "list":
-        for name in keys:
+        for name in apikeys.read(layout.api_keys):
             print(name)
-        return 0
-    if args.action == "create":
-        if not args.name.isidentifier() or args.name in keys:
-            raise UsageError(f"key name {args.name!r} is taken or not a simple name")
-        key = "sk-appliance-" + secrets.token_urlsafe(32)
-        keys[args.name] = hash_key(key)
-    elif keys.pop(args.name, None) is None:
-        raise UsageError(f"no API key named {args.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # readable by the service's group only: the service runs as `appliance`, not root
-    atomic_write(path, "".join(f"{n} {h}\n" for n, h in keys.items()).encode(), mode=0o640)
-    try:
-        import grp
-        os.chown(path, -1, grp.getgrnam("appliance").gr_gid)
-    except (KeyError, PermissionError):
-        pass  # no such group here (a development machine): root-only is fine
-    layout.audit.append(f"apikey-{args.action}", name=args.name, result="ok")
-    if args.action == "create":
-        print(key)
+    elif args.action == "create":
+        print(apikeys.create(layout, args.name))
         print("store it now: only its hash is kept", file=sys.stderr)
+    else:
+        apikeys.remove(layout, args.name)
     return 0
 
 
 def _usb_import(args: argparse.Namespace, layout: Layout) -> int:
-    """Import the bundles at the top of a stick. Nothing on it is executed or followed: only
-    regular files named *.bundle, each verified before anything is installed."""
-    import subprocess
-    import tempfile
-
-    from appliance.errors import ApplianceError, StoreError
-
-    def import_all(folder: Path) -> int:
-        failures = 0
-        for entry in sorted(folder.iterdir()):
-            if entry.suffix != ".bundle" or entry.is_symlink() or not entry.is_file():
-                continue
-            try:
-                inst = install.import_bundle(entry, layout)
-                print(f"{entry.name}: imported {inst.name} sequence {inst.sequence}")
-            except ApplianceError as exc:
-                failures += 1
-                print(f"{entry.name}: rejected: {exc.message}", file=sys.stderr)
-        return failures
-
     if args.dir is not None:
-        return 1 if import_all(args.dir) else 0
-    if args.device is None:
+        results = actions.import_folder(layout, args.dir)
+    elif args.device is not None:
+        results = actions.import_device(layout, args.device)
+    else:
         raise UsageError("give a block device or --dir")
-    with tempfile.TemporaryDirectory(prefix="appliance-usb-") as mnt:
-        mounted = subprocess.run(["mount", "-o", "ro,nosuid,nodev,noexec", str(args.device), mnt],
-                                 capture_output=True, text=True)
-        if mounted.returncode != 0:
-            raise StoreError(f"cannot mount {args.device}: {mounted.stderr.strip()}")
-        try:
-            return 1 if import_all(Path(mnt)) else 0
-        finally:
-            subprocess.run(["umount", mnt], check=False)
+    for r in results:
+        if r.imported is not None:
+            print(f"{r.file}: imported {r.imported.name} sequence {r.imported.sequence}")
+        else:
+            print(f"{r.file}: rejected: {r.error}", file=sys.stderr)
+    return 1 if any(r.error for r in results) else 0
 
 
 def _main(args: argparse.Namespace) -> int:

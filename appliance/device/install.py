@@ -29,7 +29,8 @@ from typing import BinaryIO
 from appliance.bundle import manifest as mf
 from appliance.bundle import signing
 from appliance.bundle.tarformat import Member, TarReader
-from appliance.device.store import STAGING_PREFIX, Installed, Layout, Store
+from appliance.device.layout import Layout
+from appliance.device.store import STAGING_PREFIX, Installed, Store
 from appliance.errors import ApplianceError, FormatError, IntegrityError, RollbackError, StoreError
 from appliance.faults import checkpoint
 from appliance.fsutil import fsync_dir

@@ -1,13 +1,6 @@
 """The device's bundle store: where installed bundles live and which one is active.
 
-Layout under the state root (default `/`; tests and `make run` use a temporary one):
-
-    etc/appliance/trust/            trusted keys + policy.toml
-    var/lib/appliance/store/<name>/<seq>/{manifest.toml,manifest.sig,files/...}
-    var/lib/appliance/store/<name>/current -> <seq>      (switched with one rename)
-    var/lib/appliance/highwater/<name>                    anti-rollback mark, outside the store
-    var/lib/appliance/audit.log (+ .head)                 hash-chained history
-    var/lib/appliance/lock                                one bundle operation at a time
+Paths are in `appliance.device.layout`.
 """
 
 from __future__ import annotations
@@ -22,52 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.bundle import manifest as mf
-from appliance.bundle.keys import TrustStore
-from appliance.device.audit import AuditLog
+from appliance.device.layout import Layout
 from appliance.errors import IntegrityError, RollbackError, StoreError, UsageError
 from appliance.fsutil import atomic_symlink, atomic_write, fsync_dir
 
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 DEFAULT_KEEP = 2  # the active sequence and the one before it, for rollback
-
-
-@dataclass(frozen=True)
-class Layout:
-    root: Path
-
-    @classmethod
-    def from_env(cls, root: str | None) -> Layout:
-        return cls(Path(root or os.environ.get("APPLIANCE_ROOT") or "/"))
-
-    @property
-    def state(self) -> Path:
-        return self.root / "var/lib/appliance"
-
-    @property
-    def store(self) -> Path:
-        return self.state / "store"
-
-    @property
-    def highwater_dir(self) -> Path:
-        return self.state / "highwater"
-
-    @property
-    def trust(self) -> TrustStore:
-        return TrustStore(self.root / "etc/appliance/trust")
-
-    @property
-    def config(self) -> Path:
-        return self.root / "etc/appliance/appliance.toml"
-
-    @property
-    def run(self) -> Path:
-        """Runtime state of the running service (systemd's RuntimeDirectory)."""
-        return self.root / "run/appliance"
-
-    @property
-    def audit(self) -> AuditLog:
-        return AuditLog(self.state / "audit.log")
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ import io
 
 import numpy as np
 
-from appliance.errors import ApplianceError
+from appliance.errors import RequestError
 
 SAMPLE_RATE = 16000
 FORMATS = ("wav", "mp3", "ogg", "flac", "m4a", "mp4", "webm", "mpeg", "mpga", "oga", "opus")
 
 
-class AudioError(ApplianceError):
+class AudioError(RequestError):
     """The upload is not audio we can decode, or it is too long."""
 
 

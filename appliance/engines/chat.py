@@ -35,7 +35,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import queue
 import random
 import threading
 import time
@@ -46,27 +45,31 @@ from typing import Any
 
 import numpy as np
 
-from appliance.engines.lanes import CoreLanes
+from appliance.engines import prompt
+from appliance.engines.events import Event, Finish, Outbox, Stream, TokenEvent
+from appliance.engines.lanes import CoreLanes, physical_cores
+from appliance.engines.prefix import PrefixCache
 from appliance.engines.textstream import TextAssembler
-from appliance.errors import ApplianceError
-from appliance.serve.hardware import physical_cores
+from appliance.errors import ApplianceError, Busy, ContextTooLong, RequestError
 
-__all__ = ["ChatEngine", "EngineConfig", "Finish", "GenerationRequest", "Sampling", "Stream",
-           "TokenEvent"]
+__all__ = ["ChatEngine", "EngineBusy", "EngineConfig", "Event", "Finish", "GenerationRequest",
+           "GrammarError", "Sampling", "Stream", "TokenEvent"]
 
 log = logging.getLogger(__name__)
 
 
-class EngineBusy(ApplianceError):
+class EngineBusy(Busy):
     """The request queue is full."""
 
 
-class ContextTooLong(ApplianceError):
-    """Prompt plus requested tokens exceed what one sequence may hold."""
-
-
-class GrammarError(ApplianceError):
+class GrammarError(RequestError):
     """llama.cpp could not compile a grammar."""
+
+
+class NoTemplate(RequestError):
+    """A base model: it has no chat template, so it only serves completions."""
+
+    code = "no_chat_template"
 
 
 def _llama() -> Any:
@@ -119,94 +122,6 @@ class GenerationRequest:
     sampler: Any = None
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    text: str
-    token: int
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
-
-
-@dataclass(frozen=True)
-class Finish:
-    reason: str  # stop, length, cancelled, error
-    prompt_tokens: int
-    completion_tokens: int
-    text: str = ""  # text released at the very end (held-back partial stop strings)
-    error: str | None = None
-    ttft: float | None = None
-
-
-Event = TokenEvent | Finish
-
-
-class Stream:
-    """Events of one request, handed from the engine thread to a consumer without blocking it.
-
-    With an event loop the events go to an asyncio queue through call_soon_threadsafe; without
-    one (tests, benchmarks) to a thread-safe queue."""
-
-    def __init__(self, loop: Any | None = None) -> None:
-        self._loop = loop
-        self._cancelled = threading.Event()
-        if loop is not None:
-            import asyncio
-            self._aq: Any = asyncio.Queue()
-        else:
-            self._q: queue.Queue[Event] = queue.Queue()
-
-    def push(self, event: Event) -> None:
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._aq.put_nowait, event)
-            except RuntimeError:  # loop closed: nobody is listening any more
-                self._cancelled.set()
-        else:
-            self._q.put(event)
-
-    async def get(self) -> Event:
-        result: Event = await self._aq.get()
-        return result
-
-    def get_sync(self, timeout: float | None = None) -> Event:
-        return self._q.get(timeout=timeout)
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-
-class Outbox:
-    """The events of one engine step, handed to each event loop with a single wake-up instead
-    of one per token: every wake-up runs Python on a core that llama_decode's threads want."""
-
-    def __init__(self) -> None:
-        self._held: dict[Any, list[tuple[Stream, Event]]] = {}
-
-    def put(self, stream: Stream, event: Event) -> None:
-        if stream._loop is None:
-            stream.push(event)
-        else:
-            self._held.setdefault(stream._loop, []).append((stream, event))
-
-    def flush(self) -> None:
-        held, self._held = self._held, {}
-        for loop, items in held.items():
-            try:
-                loop.call_soon_threadsafe(_hand_over, items)
-            except RuntimeError:  # loop closed: nobody is listening any more
-                for stream, _ in items:
-                    stream.cancel()
-
-
-def _hand_over(items: list[tuple[Stream, Event]]) -> None:
-    for stream, event in items:
-        stream._aq.put_nowait(event)
-
-
 @dataclass
 class _Seq:
     req: GenerationRequest
@@ -224,15 +139,20 @@ class _Seq:
     speculate: bool = False
     greedy: bool = False  # plain argmax over the logits (plus logit_bias): no sampler needed
 
+    @property
+    def prompt(self) -> list[int]:
+        return self.req.prompt
+
 
 class ChatEngine:
     """One GGUF model, one llama context, one scheduler thread."""
 
     def __init__(self, model_path: Path, config: EngineConfig,
-                 lanes: CoreLanes | None = None) -> None:
+                 lanes: CoreLanes | None = None, template: str | None = None) -> None:
         """Load `model_path` with `config.n_gpu_layers` layers offloaded (-1: all) and start the
         scheduler. Decoding uses `config.threads` CPU threads (0: one per physical core), fewer
-        while other engines hold some of the `lanes`."""
+        while other engines hold some of the `lanes`. `template` (a Jinja chat template, from
+        the bundle) replaces the one in the GGUF."""
         self.config = config
         self.path = model_path
         ll = _llama()
@@ -247,6 +167,8 @@ class ChatEngine:
             raise ApplianceError(f"llama.cpp could not load {model_path.name}")
         self._vocab = ll.llama_model_get_vocab(self._model)
         self.n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        self.template = template or self._gguf_template()
+        self.bos, self.eos = self.special_tokens()
         self.n_ctx_train = ll.llama_model_n_ctx_train(self._model)
         threads = config.threads or physical_cores()
         self.lanes = lanes or CoreLanes(threads)
@@ -271,9 +193,9 @@ class ChatEngine:
         self._active: list[_Seq] = []
         self._free_ids = list(range(config.parallel))
         # cached prompts live in the streams above the generating ones (which must stay the
-        # low, consecutive ids): slot id -> [tokens, last use]
-        self._prefixes: dict[int, tuple[list[int], float]] = {
-            config.parallel + i: ([], 0.0) for i in range(config.prefix_slots)}
+        # low, consecutive ids)
+        self._prefix = PrefixCache([config.parallel + i for i in range(config.prefix_slots)],
+                                   config.min_prefix)
         self._stop = False
         self.heartbeat = time.monotonic()
         self.busy_since: float | None = None
@@ -286,9 +208,20 @@ class ChatEngine:
 
     # --- model facts --------------------------------------------------------------------------
 
-    def chat_template(self) -> str | None:
+    def _gguf_template(self) -> str | None:
         raw = self._ll.llama_model_chat_template(self._model, None)
         return raw.decode("utf-8", "replace") if raw else None
+
+    def chat_prompt(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt tokens for a conversation, through the model's chat template; the answer
+        starts right after them. Raises RequestError when the model has no template, and
+        TemplateFailure when the template refuses these messages."""
+        if not self.template:
+            raise NoTemplate(f"model {self.path.stem} has no chat template; use /v1/completions")
+        text = prompt.render(self.template, messages, bos=self.bos, eos=self.eos, tools=tools)
+        add_bos = not (self.bos and text.startswith(self.bos))
+        return self.tokenize(text, add_special=add_bos, parse_special=True)
 
     def token_text(self, token: int, special: bool = True) -> str:
         return self.piece(token, special).decode("utf-8", "replace")
@@ -439,7 +372,7 @@ class ChatEngine:
                 self.discard(req)
                 self._outbox.put(stream, Finish("cancelled", len(req.prompt), 0))
                 continue
-            if self._prefix_in_flight(req.prompt):
+            if self._prefix.in_flight(req.prompt, self._active):
                 held.append((req, stream))  # admitted once that prefill is done, then copied
                 continue
             try:
@@ -465,36 +398,11 @@ class ChatEngine:
             self.stats["requests"] += 1
         self._waiting.extendleft(reversed(held))
 
-    def _prefix_in_flight(self, prompt: list[int]) -> bool:
-        """Whether a running sequence is still prefilling a prefix this prompt shares: then
-        waiting a step or two and copying its KV beats computing the same prefix twice (many
-        users sending the same system prompt at once)."""
-        if not self.config.prefix_slots:
-            return False
-        for src in self._active:
-            shared = min(_common_prefix(src.req.prompt, prompt), len(prompt) - 1)
-            if shared >= self.config.min_prefix and src.done_prompt < shared:
-                return True
-        return False
-
     def _restore_prefix(self, seq: _Seq) -> None:
-        """Start `seq` from the cached prompt that shares the longest prefix with its own.
-
-        Streams are separate, so the cached stream is copied whole and then cut to the shared
-        length; at least one prompt token is left to decode, for the logits."""
-        prompt = seq.req.prompt
-        best, slot = 0, -1
-        for slot_id, (tokens, _) in self._prefixes.items():
-            n = _common_prefix(tokens, prompt)
-            if n > best:
-                best, slot = n, slot_id
-        if self.config.prefix_slots:
-            for src in self._active:  # running sequences hold their decoded prompt too
-                n = min(_common_prefix(src.req.prompt, prompt), src.done_prompt)
-                if n > best:
-                    best, slot = n, src.seq_id
-        keep = min(best, len(prompt) - 1)
-        if keep < self.config.min_prefix:
+        """Start `seq` from the stream that shares the longest prefix with its prompt: copied
+        whole, then cut to the shared length (at least one prompt token is left to decode)."""
+        slot, keep = self._prefix.source(seq.req.prompt, self._active)
+        if slot < 0:
             return
         ll = self._ll
         ll.llama_memory_seq_cp(self._mem, slot, seq.seq_id, -1, -1)
@@ -502,22 +410,16 @@ class ChatEngine:
             ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)  # cannot cut: start afresh
             return
         seq.done_prompt = keep
-        if slot in self._prefixes:
-            self._prefixes[slot] = (self._prefixes[slot][0], time.monotonic())
+        self._prefix.used(slot)
         self.stats["prefix_hits"] += 1
         self.stats["prefix_tokens"] += keep
 
     def _save_prefix(self, seq: _Seq) -> None:
         """Keep a copy of a just-decoded prompt in the least recently used slot."""
-        prompt = seq.req.prompt
-        if not self._prefixes or len(prompt) < self.config.min_prefix:
-            return
-        for tokens, _ in self._prefixes.values():
-            if len(tokens) >= len(prompt) and tokens[:len(prompt)] == prompt:
-                return  # already covered
-        slot = min(self._prefixes, key=lambda k: self._prefixes[k][1])
-        self._ll.llama_memory_seq_cp(self._mem, seq.seq_id, slot, -1, -1)
-        self._prefixes[slot] = (list(prompt), time.monotonic())
+        slot = self._prefix.slot_for(seq.req.prompt)
+        if slot is not None:
+            self._ll.llama_memory_seq_cp(self._mem, seq.seq_id, slot, -1, -1)
+            self._prefix.saved(slot, seq.req.prompt)
 
     def _release(self, seq: _Seq) -> None:
         self._ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
@@ -724,11 +626,3 @@ def _logprobs(logits_ptr: Any, n_vocab: int, token: int,
     best = np.argpartition(-logits, top_n)[:top_n]
     best = best[np.argsort(-logits[best])]
     return chosen, [(int(t), float(logits[t] - lse)) for t in best]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

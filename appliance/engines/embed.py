@@ -26,18 +26,20 @@ from typing import Any
 import numpy as np
 
 from appliance.engines.lanes import CoreLanes
-from appliance.errors import ApplianceError, FormatError
+from appliance.errors import ApplianceError, Busy, ContextTooLong, FormatError, RequestError
 
 __all__ = ["BadTokens", "EmbedEngine", "TooLong"]
 log = logging.getLogger(__name__)
 
 
-class TooLong(ApplianceError):
+class TooLong(ContextTooLong):
     """An input has more tokens than the model takes."""
 
 
-class BadTokens(ApplianceError):
+class BadTokens(RequestError):
     """Client-given token ids outside the vocabulary."""
+
+    code = "invalid_token_id"
 
 
 @dataclass
@@ -48,7 +50,7 @@ class _Job:
 
 class EmbedEngine:
     def __init__(self, model: Path, max_tokens: int, lanes: CoreLanes, threads: int = 1,
-                 max_batch: int = 32, gather_ms: float = 2.0) -> None:
+                 max_batch: int = 32, gather_ms: float = 2.0, max_queue: int = 64) -> None:
         """Load `model` (ONNX, tokenizer.json beside it). onnxruntime gets `threads` intra-op
         threads with spinning off, since the chat engine's threads share the same cores."""
         import onnxruntime as ort
@@ -74,6 +76,7 @@ class EmbedEngine:
         self.dimensions = int(self.session.get_outputs()[0].shape[-1])
         self.lanes = lanes
         self.max_batch = max_batch
+        self.max_queue = max_queue
         self.gather = gather_ms / 1000
         self._jobs: list[_Job] = []
         self._cond = threading.Condition()
@@ -110,6 +113,8 @@ class EmbedEngine:
         with self._cond:
             if self._stop:
                 raise ApplianceError("the embeddings engine is shut down")
+            if len(self._jobs) >= self.max_queue:
+                raise Busy("the embeddings queue is full; retry shortly")
             self._jobs.append(job)
             self._cond.notify()
         return job.future

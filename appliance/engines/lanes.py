@@ -10,9 +10,13 @@ one thread). Jobs beyond `aux` wait for a lane rather than oversubscribe the mac
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+from appliance.errors import Busy
 
 
 class CoreLanes:
@@ -48,3 +52,45 @@ class CoreLanes:
     def report(self) -> dict[str, int]:
         return {"cores": self.cores, "aux_lanes": self.aux, "borrowed": self.borrowed,
                 "chat_threads": self.chat_threads()}
+
+
+def physical_cores() -> int:
+    """Physical cores from /proc/cpuinfo (SMT siblings share one), else the CPU count."""
+    try:
+        pairs = set()
+        phys = core = None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "physical id":
+                phys = value.strip()
+            elif key == "core id":
+                core = value.strip()
+            elif not line.strip() and core is not None:
+                pairs.add((phys, core))
+                phys = core = None
+        if core is not None:
+            pairs.add((phys, core))
+        if pairs:
+            return len(pairs)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+class Slots:
+    """At most `limit` jobs admitted at once (running or waiting); past that, Busy."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit, self.what, self.taken = limit, what, 0
+        self._lock = threading.Lock()
+
+    def take(self) -> None:
+        with self._lock:
+            if self.taken >= self.limit:
+                raise Busy(f"the {self.what} queue is full; retry shortly", retry_after=5)
+            self.taken += 1
+
+    def give(self) -> None:
+        with self._lock:
+            self.taken = max(0, self.taken - 1)

@@ -15,13 +15,15 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from appliance.errors import RequestError
+
 TOOL_INSTRUCTIONS = (
     "You can call these functions. To call one, answer with only a JSON object "
     '{{"name": <function name>, "arguments": <arguments object>}}.\nFunctions:\n{tools}'
 )
 
 
-class TemplateFailure(ValueError):
+class TemplateFailure(RequestError):
     """The template raised or could not be compiled; the message is safe to show a client."""
 
 

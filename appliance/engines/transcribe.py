@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from appliance.engines.lanes import CoreLanes
-from appliance.errors import ApplianceError, FormatError
+from appliance.engines.lanes import CoreLanes, Slots
+from appliance.errors import FormatError, Unsupported
 
 __all__ = ["Segment", "TranscribeEngine", "Transcript", "Word"]
 REQUIRED = ("model.bin", "config.json", "tokenizer.json")
@@ -57,10 +57,11 @@ class Transcript:
 class TranscribeEngine:
     def __init__(self, folder: Path, lanes: CoreLanes, device: str = "cpu",
                  compute_type: str = "int8", threads: int = 1,
-                 languages: tuple[str, ...] = ()) -> None:
+                 languages: tuple[str, ...] = (), max_queue: int = 64) -> None:
         """Load a CTranslate2 whisper folder. `device` cpu or cuda; `compute_type` int8 (CPU) or
         float16 (CUDA); `threads` CPU threads per transcription; `languages` the ones the model
-        knows (empty: multilingual)."""
+        knows (empty: multilingual); `max_queue` transcriptions admitted at once (decoding or
+        waiting for a core lane) before Busy."""
         for name in REQUIRED:
             if not (folder / name).is_file():
                 raise FormatError(f"the whisper model folder lacks {name}",
@@ -73,14 +74,21 @@ class TranscribeEngine:
         self.multilingual = bool(self.model.model.is_multilingual)
         self.languages = languages or (() if self.multilingual else ("en",))
         self.stats = {"requests": 0, "audio_seconds": 0.0}
+        self.slots = Slots(max_queue, "transcription")
+
+    def admit(self) -> None:
+        self.slots.take()
+
+    def leave(self) -> None:
+        self.slots.give()
 
     def check(self, language: str | None, translate: bool) -> None:
         if translate and not self.multilingual:
-            raise ApplianceError("this model is English-only and cannot translate",
-                                 hint="use /v1/audio/transcriptions, or a multilingual model")
+            raise Unsupported("model", "this model is English-only and cannot translate; use "
+                                       "/v1/audio/transcriptions, or a multilingual model")
         if language and self.languages and language not in self.languages:
-            raise ApplianceError(f"this model does not know the language {language!r}; "
-                                 f"it knows: {', '.join(self.languages)}")
+            raise Unsupported("language", f"this model does not know the language {language!r}; "
+                                          f"it knows: {', '.join(self.languages)}")
 
     def stream(self, audio: np.ndarray, *, language: str | None, prompt: str | None,
                temperature: float | None, translate: bool,
@@ -110,6 +118,11 @@ class TranscribeEngine:
         with self.lanes.borrow("transcription"):
             segments, language, duration = self.stream(audio, **kw)
             return Transcript(language, duration, list(segments))
+
+    def segments(self, audio: np.ndarray, **kw: Any) -> Iterator[Segment]:
+        with self.lanes.borrow("transcription"):
+            found, _, _ = self.stream(audio, **kw)
+            yield from found
 
     def health(self) -> str:
         return "ok"

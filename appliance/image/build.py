@@ -23,10 +23,10 @@ import time
 import uuid
 from pathlib import Path
 
-from appliance.api.app import hash_key
 from appliance.bundle import keys
+from appliance.device.apikeys import hash_key
 from appliance.device.install import import_bundle
-from appliance.device.store import Layout
+from appliance.device.layout import Layout
 from appliance.errors import UsageError
 from appliance.image import jetsonflash
 from appliance.image import wheels as imagewheels

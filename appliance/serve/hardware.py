@@ -20,9 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from appliance.bundle import manifest as mf
+from appliance.engines.lanes import physical_cores
+from appliance.errors import ApplianceError
 
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16",
               "amx_tile", "neon", "asimd", "sve")
+
+
+class NoVariant(ApplianceError):
+    """No variant of a model can run on this machine (or the pinned one does not exist)."""
 
 
 @dataclass(frozen=True)
@@ -60,30 +66,6 @@ class Probe:
         fields["simd"] = tuple(fields.get("simd", ()))
         fields["notes"] = tuple(fields.get("notes", ()))
         return cls(gpus=gpus, **fields)
-
-
-def physical_cores() -> int:
-    """Physical cores from /proc/cpuinfo (SMT siblings share one), else the CPU count."""
-    try:
-        pairs = set()
-        phys = core = None
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "physical id":
-                phys = value.strip()
-            elif key == "core id":
-                core = value.strip()
-            elif not line.strip() and core is not None:
-                pairs.add((phys, core))
-                phys = core = None
-        if core is not None:
-            pairs.add((phys, core))
-        if pairs:
-            return len(pairs)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
 
 
 def _meminfo() -> tuple[int, int]:
@@ -210,12 +192,12 @@ def choose(p: Probe, model: mf.Model, prefer: str = "auto", memory_fraction: flo
            threads: int = 0, quantization: str | None = None) -> Choice:
     """Pick the variant of `model` to load: a GPU variant that fits (fully, else partly
     offloaded for GGUF), otherwise the CPU variant that fits, preferring faster quantisations.
-    `prefer` = "cpu" forbids GPUs; `quantization` pins one. Raises ValueError when nothing
+    `prefer` = "cpu" forbids GPUs; `quantization` pins one. Raises NoVariant when nothing
     fits."""
     if quantization is not None:
         pinned = tuple(v for v in model.variants if v.quantization == quantization)
         if not pinned:
-            raise ValueError(f"{model.id} has no {quantization} variant "
+            raise NoVariant(f"{model.id} has no {quantization} variant "
                              f"(it has {', '.join(v.quantization for v in model.variants)})")
         model = replace(model, variants=pinned)
     cpu_threads = threads or p.physical_cores
@@ -244,7 +226,7 @@ def choose(p: Probe, model: mf.Model, prefer: str = "auto", memory_fraction: flo
     fitting = [v for v in cpu if v.memory_mb <= budget]
     if not fitting:
         detail = "; ".join(skipped + [f"cpu/{v.quantization}: {v.memory_mb} MiB" for v in cpu])
-        raise ValueError(f"no variant of {model.id} fits this machine ({detail or 'no variants'}; "
+        raise NoVariant(f"no variant of {model.id} fits this machine ({detail or 'no variants'}; "
                          f"{budget} MiB of memory to use)")
 
     def rank(v: mf.Variant) -> int:

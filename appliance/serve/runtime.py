@@ -10,27 +10,25 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 from appliance import __version__
 from appliance.bundle import manifest as mf
-from appliance.device.store import Installed, Layout, Store
-from appliance.errors import ApplianceError
+from appliance.device.layout import Layout
+from appliance.device.store import Installed, Store
+from appliance.engines.base import ChatBackend, EmbedBackend, Engine, TranscribeBackend
+from appliance.errors import ApplianceError, ModelNotFound, ModelUnavailable
 from appliance.fsutil import atomic_write
 from appliance.serve import hardware
 from appliance.serve.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class ModelNotFound(ApplianceError):
-    pass
-
-
-class ModelUnavailable(ApplianceError):
-    """The model is in the active bundle but failed to load on this device."""
+E = TypeVar("E", bound=Engine)
+# How a model of each task becomes an engine; tests give fakes here (tests/fakes.py).
+Loader = Callable[["Runtime", Installed, "LoadedModel"], Engine]
 
 
 @dataclass
@@ -42,12 +40,26 @@ class LoadedModel:
     created: int
     choice: hardware.Choice
     model: mf.Model
-    engine: Any = None
-    template: str | None = None
-    bos: str = ""
-    eos: str = ""
+    engine: Engine | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Served(Generic[E]):
+    """A loaded model with its engine, typed by task."""
+
+    model: LoadedModel
+    engine: E
+
+    @property
+    def id(self) -> str:
+        return self.model.id
+
+    @property
+    def fingerprint(self) -> str:
+        """What answered: this software, the bundle and its sequence."""
+        return f"appliance-{__version__}-{self.model.bundle}-{self.model.sequence}"
 
 
 def _gpu_layers(path: str, offload: float) -> int:
@@ -74,10 +86,14 @@ def _gpu_layers(path: str, offload: float) -> int:
 
 class Runtime:
     def __init__(self, layout: Layout, settings: Settings,
-                 probe: hardware.Probe | None = None) -> None:
+                 probe: hardware.Probe | None = None,
+                 loaders: Mapping[mf.Task, Loader] | None = None) -> None:
         self.layout = layout
         self.settings = settings
         self.probe = probe or hardware.probe()
+        self.loaders: Mapping[mf.Task, Loader] = loaders or {
+            mf.Task.CHAT: Runtime._load_chat, mf.Task.EMBEDDINGS: Runtime._load_embed,
+            mf.Task.TRANSCRIPTION: Runtime._load_whisper}
         self.models: dict[str, LoadedModel] = {}
         self.started = time.time()
         from appliance.engines.lanes import CoreLanes
@@ -135,14 +151,12 @@ class Runtime:
             choice = hardware.choose(self.probe, model, self.settings.prefer,
                                      self.settings.memory_fraction, self.settings.threads,
                                      dict(self.settings.quantization).get(model.id))
-        except ValueError as exc:
-            return self._failed(inst, model, str(exc))
+        except hardware.NoVariant as exc:
+            return self._failed(inst, model, exc.message)
         loaded = LoadedModel(model.id, model.task, inst.name, inst.sequence,
                              int(inst.manifest.created.timestamp()), choice, model)
         try:
-            loader = {mf.Task.CHAT: self._load_chat, mf.Task.EMBEDDINGS: self._load_embed,
-                      mf.Task.TRANSCRIPTION: self._load_whisper}[model.task]
-            loader(inst, loaded)
+            loaded.engine = self.loaders[model.task](self, inst, loaded)
         except Exception as exc:  # a damaged model file raises anything at all
             message = exc.message if isinstance(exc, ApplianceError) else (
                 f"{type(exc).__name__}: {exc}")
@@ -156,7 +170,7 @@ class Runtime:
                 loaded.engine = None
         return loaded
 
-    def _load_chat(self, inst: Installed, loaded: LoadedModel) -> None:
+    def _load_chat(self, inst: Installed, loaded: LoadedModel) -> Engine:
         from appliance.engines.chat import ChatEngine, EngineConfig
         s, choice = self.settings, loaded.choice
         path = inst.file(choice.variant.path)
@@ -167,39 +181,52 @@ class Runtime:
             n_gpu_layers=_gpu_layers(str(path), choice.offload), threads=choice.threads,
             parallel=s.parallel, ctx_per_seq=ctx, batch=s.batch, max_queue=s.max_queue,
             prefix_slots=s.prefix_slots, lookup_draft=s.lookup_draft)
-        engine = ChatEngine(path, config, self.lanes)
-        loaded.engine = engine
-        loaded.template = loaded.model.defaults.chat_template or engine.chat_template()
-        loaded.bos, loaded.eos = engine.special_tokens()
+        engine = ChatEngine(path, config, self.lanes, loaded.model.defaults.chat_template)
         loaded.extra["context_length"] = engine.ctx_per_seq
+        return engine
 
-    def _load_embed(self, inst: Installed, loaded: LoadedModel) -> None:
+    def _load_embed(self, inst: Installed, loaded: LoadedModel) -> Engine:
         from appliance.engines.embed import EmbedEngine
         d = loaded.model.defaults
-        loaded.engine = EmbedEngine(inst.file(loaded.choice.variant.path),
-                                    d.max_input_tokens or 512, self.lanes)
-        if d.dimensions and d.dimensions != loaded.engine.dimensions:
+        engine = EmbedEngine(inst.file(loaded.choice.variant.path), d.max_input_tokens or 512,
+                             self.lanes, max_queue=self.settings.max_queue)
+        if d.dimensions and d.dimensions != engine.dimensions:
+            engine.close()
             raise ApplianceError(f"{loaded.id}: the bundle says {d.dimensions} dimensions, the "
-                                 f"model gives {loaded.engine.dimensions}")
+                                 f"model gives {engine.dimensions}")
+        return engine
 
-    def _load_whisper(self, inst: Installed, loaded: LoadedModel) -> None:
+    def _load_whisper(self, inst: Installed, loaded: LoadedModel) -> Engine:
         from appliance.engines.transcribe import TranscribeEngine
         gpu = loaded.choice.backend is mf.Backend.CUDA
-        loaded.engine = TranscribeEngine(
+        return TranscribeEngine(
             inst.file(loaded.choice.variant.path), self.lanes, device="cuda" if gpu else "cpu",
             compute_type="float16" if gpu else "int8", threads=1,
-            languages=loaded.model.defaults.languages)
+            languages=loaded.model.defaults.languages, max_queue=self.settings.max_queue)
+
+    def chat(self, model_id: str) -> Served[ChatBackend]:
+        return self._served(model_id, mf.Task.CHAT)
+
+    def embeddings(self, model_id: str) -> Served[EmbedBackend]:
+        return self._served(model_id, mf.Task.EMBEDDINGS)
+
+    def transcription(self, model_id: str) -> Served[TranscribeBackend]:
+        return self._served(model_id, mf.Task.TRANSCRIPTION)
+
+    def _served(self, model_id: str, task: mf.Task) -> Served[Any]:
+        loaded = self.get(model_id, task)
+        return Served(loaded, cast(Any, loaded.engine))
 
     def get(self, model_id: str, task: mf.Task) -> LoadedModel:
         loaded = self.models.get(model_id)
         if loaded is not None and loaded.engine is None and loaded.task is task:
             raise ModelUnavailable(f"The model `{model_id}` failed to load on this appliance: "
-                                   f"{loaded.error}", hint="see `appliance-ctl status`")
+                                   f"{loaded.error}", param="model")
         if loaded is None or loaded.engine is None or loaded.task is not task:
             served = [m.id for m in self.models.values() if m.engine and m.task is task]
             raise ModelNotFound(
                 f"The model `{model_id}` does not exist or does not serve {task.value}",
-                hint=f"available: {', '.join(served) or 'none'}")
+                hint=f"available: {', '.join(served) or 'none'}", param="model")
         return loaded
 
     def served(self) -> list[LoadedModel]:
@@ -208,7 +235,7 @@ class Runtime:
     def health(self) -> dict[str, Any]:
         """ok; degraded (some models failed to load, the others serve); unhealthy (an engine
         is dead or stuck, or nothing is served)."""
-        engines = {m.id: m.engine.health() for m in self.served()}
+        engines = {m.id: _engine(m).health() for m in self.served()}
         # ids only: /healthz answers without a key, and an error may name paths
         failed = sorted(m.id for m in self.models.values() if m.engine is None)
         if not engines or any(v != "ok" for v in engines.values()):
@@ -223,14 +250,16 @@ class Runtime:
     def restart_would_help(self) -> bool:
         """A dead or stuck engine thread is what a restart cures; a model that cannot load
         fails the same way again, so it must not stop the watchdog (a restart loop)."""
-        return any(m.engine.health() != "ok" for m in self.served())
+        return any(_engine(m).health() != "ok" for m in self.served())
 
     def load_report(self) -> dict[str, Any]:
         report: dict[str, Any] = {}
         for m in self.served():
-            eng = m.engine
-            extra = ({"active": eng.active_count, "queued": eng.queue_depth}
-                     if m.task is mf.Task.CHAT else {})
+            eng = _engine(m)
+            extra: dict[str, Any] = {}
+            if m.task is mf.Task.CHAT:
+                chat = cast(ChatBackend, eng)
+                extra = {"active": chat.active_count, "queued": chat.queue_depth}
             report[m.id] = {"task": m.task.value, **extra, **eng.stats}
         return report
 
@@ -256,5 +285,10 @@ class Runtime:
 
     def close(self) -> None:
         for m in self.served():
-            m.engine.close()
+            _engine(m).close()
         (self.layout.run / "runtime.json").unlink(missing_ok=True)
+
+
+def _engine(m: LoadedModel) -> Engine:
+    assert m.engine is not None
+    return m.engine

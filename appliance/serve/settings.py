@@ -1,4 +1,5 @@
-"""Runtime settings: `<root>/etc/appliance/appliance.toml`, then `APPLIANCE_*` overrides.
+"""Runtime settings: `<root>/etc/appliance/appliance.toml` merged with `APPLIANCE_*` overrides
+(see ENV), then validated once.
 
     [server]
     host = "127.0.0.1"          # the image sets the LAN address
@@ -42,11 +43,12 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from typing import Any
 
-from appliance.device.store import Layout
+from appliance.device import apikeys
+from appliance.device.layout import Layout
 from appliance.errors import FormatError, UsageError
-from appliance.strict import load_toml
+from appliance.strict import Fields, parse_toml
 
 MAX_SETTINGS = 64 * 1024
 
@@ -103,143 +105,114 @@ class Settings:
             raise UsageError("memory_fraction must be in (0, 1]")
 
 
+# The environment overrides these keys of the file (the unit files and `make run` use them).
+ENV: dict[str, tuple[str, str, type]] = {
+    "APPLIANCE_HOST": ("server", "host", str),
+    "APPLIANCE_PORT": ("server", "port", int),
+    "APPLIANCE_AUTH": ("server", "auth", bool),
+    "APPLIANCE_MAX_QUEUE": ("server", "max_queue", int),
+    "APPLIANCE_PARALLEL": ("chat", "parallel", int),
+    "APPLIANCE_KV_CELLS": ("chat", "kv_cells", int),
+    "APPLIANCE_CTX_PER_SEQ": ("chat", "ctx_per_seq", int),
+    "APPLIANCE_THREADS": ("chat", "threads", int),
+    "APPLIANCE_PREFIX_SLOTS": ("chat", "prefix_slots", int),
+    "APPLIANCE_LOOKUP_DRAFT": ("chat", "lookup_draft", int),
+    "APPLIANCE_PREFER": ("hardware", "prefer", str),
+    "APPLIANCE_AUX_CORES": ("hardware", "aux_cores", int),
+    "APPLIANCE_MAX_AUDIO_SECONDS": ("limits", "max_audio_seconds", int),
+}
+
+
 def load(layout: Layout, env: dict[str, str] | None = None) -> Settings:
+    """The settings file and the `APPLIANCE_*` environment merged first, then validated once,
+    by the same rules: an error names the file key, or the variable it came from."""
     env = dict(os.environ if env is None else env)
-    s = Settings()
+    doc: dict[str, Any] = {}
     if layout.config.exists():
-        doc = load_toml(layout.config.read_bytes(), str(layout.config), MAX_SETTINGS)
-        server, chat, hw, limits, models = (
-            doc.table(k, required=False)
-            for k in ("server", "chat", "hardware", "limits", "models"))
-        doc.done()
-        if server is not None:
-            s = replace(
-                s,
-                host=server.string("host", required=False, default=s.host) or s.host,
-                port=server.integer("port", required=False, lo=1, hi=65535, default=s.port)
-                or s.port,
-                auth=server.boolean("auth", s.auth),
-                allowed_hosts=tuple(server.strings("allowed_hosts", required=False)),
-                allowed_origins=tuple(server.strings("allowed_origins", required=False)),
-                max_body_mb=server.integer("max_body_mb", required=False, lo=1, hi=4096,
-                                           default=s.max_body_mb) or s.max_body_mb,
-                max_queue=server.integer("max_queue", required=False, lo=1, hi=100_000,
-                                         default=s.max_queue) or s.max_queue,
-                max_json_kb=server.integer("max_json_kb", required=False, lo=16, hi=1 << 20,
-                                           default=s.max_json_kb) or s.max_json_kb,
-                max_connections=server.integer(
-                    "max_connections", required=False, lo=4, hi=100_000,
-                    default=s.max_connections) or s.max_connections,
-                max_connections_per_client=server.integer(
-                    "max_connections_per_client", required=False, lo=1, hi=100_000,
-                    default=s.max_connections_per_client) or s.max_connections_per_client,
-                header_timeout=server.integer("header_timeout", required=False, lo=1, hi=600,
-                                              default=s.header_timeout) or s.header_timeout,
-                idle_timeout=server.integer("idle_timeout", required=False, lo=1, hi=3600,
-                                            default=s.idle_timeout) or s.idle_timeout,
-                max_header_kb=server.integer("max_header_kb", required=False, lo=4, hi=1024,
-                                             default=s.max_header_kb) or s.max_header_kb,
-            )
-            server.done()
-        if chat is not None:
-            s = replace(
-                s,
-                parallel=chat.integer("parallel", required=False, lo=1, hi=256,
-                                      default=s.parallel) or s.parallel,
-                kv_cells=chat.integer("kv_cells", required=False, lo=256, hi=1 << 22,
-                                      default=s.kv_cells) or s.kv_cells,
-                ctx_per_seq=chat.integer("ctx_per_seq", required=False, lo=64, hi=1 << 20,
-                                         default=s.ctx_per_seq) or s.ctx_per_seq,
-                threads=chat.integer("threads", required=False, lo=0, hi=1024,
-                                     default=s.threads) or 0,
-                batch=chat.integer("batch", required=False, lo=16, hi=8192,
-                                   default=s.batch) or s.batch,
-                prefix_slots=chat.integer("prefix_slots", required=False, lo=0, hi=64,
-                                          default=s.prefix_slots) or 0,
-                lookup_draft=chat.integer("lookup_draft", required=False, lo=0, hi=16,
-                                          default=s.lookup_draft) or 0,
-            )
-            chat.done()
-        if hw is not None:
-            prefer = hw.string("prefer", required=False, default=s.prefer) or s.prefer
-            if prefer not in ("auto", "cpu"):
-                raise FormatError(f"{layout.config}: hardware.prefer must be auto or cpu")
-            s = replace(s, prefer=prefer, memory_fraction=hw.number(
-                "memory_fraction", lo=0.05, hi=1.0, default=s.memory_fraction),
-                aux_cores=hw.integer("aux_cores", required=False, lo=1, hi=1024,
-                                     default=s.aux_cores) or s.aux_cores)
-            hw.done()
-        if models is not None:
-            pins = models.table("quantization", required=False)
-            if pins is not None:
-                s = replace(s, quantization=tuple(
-                    (key, pins.req_string(key, max_len=32)) for key in list(pins.keys())))
-                pins.done()
-            models.done()
-        if limits is not None:
-            s = replace(
-                s,
-                max_embedding_inputs=limits.integer(
-                    "max_embedding_inputs", required=False, lo=1, hi=100_000,
-                    default=s.max_embedding_inputs) or s.max_embedding_inputs,
-                max_embedding_tokens=limits.integer(
-                    "max_embedding_tokens", required=False, lo=1, hi=10_000_000,
-                    default=s.max_embedding_tokens) or s.max_embedding_tokens,
-                max_audio_seconds=limits.integer(
-                    "max_audio_seconds", required=False, lo=1, hi=86_400,
-                    default=s.max_audio_seconds) or s.max_audio_seconds,
-            )
-            limits.done()
-    s = _env(s, env)
-    return replace(s, api_key_hashes=tuple(read_api_keys(api_keys_path(layout)).values()))
+        data = layout.config.read_bytes()
+        if len(data) > MAX_SETTINGS:
+            raise FormatError(f"{layout.config} is larger than {MAX_SETTINGS} bytes")
+        try:
+            doc = parse_toml(data.decode("utf-8"), str(layout.config))
+        except UnicodeDecodeError:
+            raise FormatError(f"{layout.config} is not UTF-8") from None
+    labels: dict[str, str] = {}
+    for var, (table, key, kind) in ENV.items():
+        if var not in env:
+            continue
+        section = doc.setdefault(table, {})
+        if not isinstance(section, dict):
+            raise FormatError(f"{layout.config}: {table} must be a table")
+        section[key] = _env_value(var, env[var], kind)
+        labels[f"{table}.{key}"] = var
+    s = validate(Fields(doc, str(layout.config), labels=labels))
+    return replace(s, api_key_hashes=tuple(apikeys.read(layout.api_keys).values()))
 
 
-def _env(s: Settings, env: dict[str, str]) -> Settings:
-    def num(name: str, current: int) -> int:
-        raw = env.get(name)
-        if raw is None:
-            return current
+def _env_value(var: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        if raw not in ("0", "1", "true", "false"):
+            raise UsageError(f"{var}={raw!r}: use true or false")
+        return raw in ("1", "true")
+    if kind is int:
         try:
             return int(raw)
         except ValueError:
-            raise UsageError(f"{name}={raw!r} is not a whole number") from None
+            raise UsageError(f"{var}={raw!r} is not a whole number") from None
+    return raw
 
-    auth = env.get("APPLIANCE_AUTH")
-    if auth is not None and auth not in ("0", "1", "true", "false"):
-        raise UsageError(f"APPLIANCE_AUTH={auth!r}: use true or false")
-    return replace(
-        s,
-        host=env.get("APPLIANCE_HOST", s.host),
-        port=num("APPLIANCE_PORT", s.port),
-        auth=s.auth if auth is None else auth in ("1", "true"),
-        parallel=num("APPLIANCE_PARALLEL", s.parallel),
-        kv_cells=num("APPLIANCE_KV_CELLS", s.kv_cells),
-        ctx_per_seq=num("APPLIANCE_CTX_PER_SEQ", s.ctx_per_seq),
-        threads=num("APPLIANCE_THREADS", s.threads),
-        max_queue=num("APPLIANCE_MAX_QUEUE", s.max_queue),
-        aux_cores=num("APPLIANCE_AUX_CORES", s.aux_cores),
-        prefix_slots=num("APPLIANCE_PREFIX_SLOTS", s.prefix_slots),
-        lookup_draft=num("APPLIANCE_LOOKUP_DRAFT", s.lookup_draft),
-        max_audio_seconds=num("APPLIANCE_MAX_AUDIO_SECONDS", s.max_audio_seconds),
-        prefer=env.get("APPLIANCE_PREFER", s.prefer),
+
+def validate(doc: Fields) -> Settings:
+    """Every key of the merged settings, checked: types, ranges, no unknown keys."""
+    d = Settings()
+    server, chat, hw, limits, models = (
+        doc.table(k, required=False) or Fields({}, "", f"{k}.")
+        for k in ("server", "chat", "hardware", "limits", "models"))
+    doc.done()
+
+    def integer(t: Fields, key: str, lo: int, hi: int) -> int:
+        value = t.integer(key, required=False, lo=lo, hi=hi, default=getattr(d, key))
+        assert value is not None
+        return value
+
+    prefer = hw.string("prefer", required=False, default=d.prefer) or d.prefer
+    if prefer not in ("auto", "cpu"):
+        raise hw.fail("prefer", "must be auto or cpu")
+    pins = models.table("quantization", required=False)
+    quantization: tuple[tuple[str, str], ...] = ()
+    if pins is not None:
+        quantization = tuple((key, pins.req_string(key, max_len=32))
+                             for key in list(pins.keys()))
+        pins.done()
+    s = Settings(
+        host=server.string("host", required=False, default=d.host) or d.host,
+        port=integer(server, "port", 1, 65535),
+        auth=server.boolean("auth", d.auth),
+        allowed_hosts=tuple(server.strings("allowed_hosts", required=False)),
+        allowed_origins=tuple(server.strings("allowed_origins", required=False)),
+        max_body_mb=integer(server, "max_body_mb", 1, 4096),
+        max_json_kb=integer(server, "max_json_kb", 16, 1 << 20),
+        max_queue=integer(server, "max_queue", 1, 100_000),
+        max_connections=integer(server, "max_connections", 4, 100_000),
+        max_connections_per_client=integer(server, "max_connections_per_client", 1, 100_000),
+        header_timeout=integer(server, "header_timeout", 1, 600),
+        idle_timeout=integer(server, "idle_timeout", 1, 3600),
+        max_header_kb=integer(server, "max_header_kb", 4, 1024),
+        parallel=integer(chat, "parallel", 1, 256),
+        kv_cells=integer(chat, "kv_cells", 256, 1 << 22),
+        ctx_per_seq=integer(chat, "ctx_per_seq", 64, 1 << 20),
+        threads=integer(chat, "threads", 0, 1024),
+        batch=integer(chat, "batch", 16, 8192),
+        prefix_slots=integer(chat, "prefix_slots", 0, 64),
+        lookup_draft=integer(chat, "lookup_draft", 0, 16),
+        prefer=prefer,
+        memory_fraction=hw.number("memory_fraction", lo=0.05, hi=1.0, default=d.memory_fraction),
+        aux_cores=integer(hw, "aux_cores", 1, 1024),
+        quantization=quantization,
+        max_embedding_inputs=integer(limits, "max_embedding_inputs", 1, 100_000),
+        max_embedding_tokens=integer(limits, "max_embedding_tokens", 1, 10_000_000),
+        max_audio_seconds=integer(limits, "max_audio_seconds", 1, 86_400),
     )
-
-
-def api_keys_path(layout: Layout) -> Path:
-    return layout.root / "etc/appliance/api-keys"
-
-
-def read_api_keys(path: Path) -> dict[str, str]:
-    """name -> sha256 hex of the key."""
-    if not path.exists():
-        return {}
-    keys: dict[str, str] = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) != 2 or len(parts[1]) != 64:
-            raise FormatError(f"{path}:{n}: expected `name sha256hex`")
-        keys[parts[0]] = parts[1].lower()
-    return keys
+    for table in (server, chat, hw, limits, models):
+        table.done()
+    return s

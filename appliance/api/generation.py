@@ -1,0 +1,140 @@
+"""What chat and completions share: sampling parameters, limits checked before any work,
+grammars built off the event loop, and the events of one generation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fastapi import Request
+
+from appliance.api.protocol import Sampled
+from appliance.engines.base import ChatBackend
+from appliance.engines.chat import GenerationRequest, Sampling
+from appliance.engines.events import Finish, Stream, TokenEvent
+from appliance.errors import ApplianceError, Busy, ContextTooLong, Unsupported
+from appliance.serve.runtime import Runtime, Served
+
+DISCONNECT_POLL = 0.5
+# Text is measured before it is tokenised: no tokenizer here puts more characters than this in
+# one token, so longer text cannot fit the context whatever it says.
+MAX_CHARS_PER_TOKEN = 64
+# Grammars are converted and compiled on one worker thread, one at a time, never on the event
+# loop or the scheduler thread; the schema limits in grammar.py keep one build well below this.
+GRAMMAR_WORKER = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+GRAMMAR_WAIT = 15.0
+
+
+def runtime(request: Request) -> Runtime:
+    found: Runtime = request.app.state.runtime
+    return found
+
+
+def sampling(req: Sampled) -> Sampling:
+    return Sampling(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repeat_penalty=req.repetition_penalty or 1.0,
+        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+    )
+
+
+def check_logit_bias(engine: ChatBackend, req: Sampled) -> None:
+    for key in req.logit_bias or {}:
+        if int(key) >= engine.n_vocab:
+            raise Unsupported("logit_bias", f"token id {key} is outside the vocabulary")
+
+
+def check_chars(texts: Iterable[str], tokens: int, param: str) -> None:
+    """Refuse text that cannot fit `tokens` before spending time tokenising it."""
+    limit = tokens * MAX_CHARS_PER_TOKEN
+    total = 0
+    for text in texts:
+        total += len(text)
+        if total > limit:
+            raise ContextTooLong(f"{param} holds more than {limit} characters; this model's "
+                                 f"context is {tokens} tokens", param=param)
+
+
+async def prepare_grammar(engine: ChatBackend, gen: GenerationRequest,
+                          build: Callable[[], str | None]) -> None:
+    """Convert the request's constraint into a grammar and compile its sampler, on the grammar
+    worker. Sets gen.grammar and gen.sampler."""
+
+    def work() -> Any:
+        gen.grammar = build()
+        return engine.make_sampler(gen) if gen.grammar else None
+
+    future = asyncio.get_running_loop().run_in_executor(GRAMMAR_WORKER, work)
+    try:
+        gen.sampler = await asyncio.wait_for(asyncio.shield(future), GRAMMAR_WAIT)
+    except TimeoutError:
+        def free(done: asyncio.Future[Any]) -> None:  # the build finishes on its own
+            if not done.cancelled() and done.exception() is None:
+                gen.sampler = done.result()
+                engine.discard(gen)
+
+        future.add_done_callback(free)
+        raise Busy("grammar builds are backed up; retry shortly", retry_after=5) from None
+
+
+def submit(engine: ChatBackend, gen: GenerationRequest) -> Stream:
+    stream = Stream(asyncio.get_running_loop())
+    engine.submit(gen, stream)
+    return stream
+
+
+async def events(stream: Stream, request: Request) -> AsyncIterator[TokenEvent | Finish]:
+    """Events until Finish. A watcher cancels the sequence if the client goes away (the engine
+    then ends the stream with a `cancelled` Finish); the token path itself waits on nothing
+    else, so each token costs one queue hand-off."""
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL)
+        stream.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        while True:
+            event = await stream.get()
+            yield event
+            if isinstance(event, Finish):
+                return
+    finally:
+        watcher.cancel()
+        stream.cancel()  # no-op when finished; frees the sequence when we stop early
+
+
+async def collect(stream: Stream, request: Request) -> tuple[str, list[TokenEvent],
+                                                            Finish | None]:
+    """The whole answer of a non-streamed request; Finish is None if the client left."""
+    text = ""
+    got: list[TokenEvent] = []
+    async for ev in events(stream, request):
+        text += ev.text
+        if isinstance(ev, Finish):
+            if ev.reason == "error":
+                raise ApplianceError(ev.error or "generation failed")
+            return text, got, None if ev.reason == "cancelled" else ev
+        got.append(ev)
+    return text, got, None
+
+
+def logprob_entry(served: Served[ChatBackend], ev: TokenEvent) -> dict[str, Any]:
+    engine = served.engine
+
+    def one(token: int, lp: float) -> dict[str, Any]:
+        piece = engine.piece(token)
+        return {"token": piece.decode("utf-8", "replace"), "logprob": lp, "bytes": list(piece)}
+
+    entry = one(ev.token, ev.logprob or 0.0)
+    entry["top_logprobs"] = [one(t, lp) for t, lp in ev.top or []]
+    return entry

@@ -1,0 +1,110 @@
+"""ASGI middleware in front of every route: the Host header must name this appliance (DNS
+rebinding), a browser Origin must be allowed explicitly (no CORS `*`), bodies are capped while
+they are read (JSON much lower than uploads), text that no tokenizer can encode is refused, and
+API keys are checked in constant time."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from appliance.api import textcheck
+from appliance.api.connections import mark_keyed
+from appliance.api.errors import error_response
+from appliance.device.apikeys import key_matches
+from appliance.errors import (
+    ApplianceError,
+    Forbidden,
+    InvalidText,
+    Misdirected,
+    TooLarge,
+    Unauthorized,
+)
+from appliance.serve.settings import Settings
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+OPEN_PATHS = ("/healthz",)  # answered without an API key: says alive or not, nothing more
+
+
+class Guard:
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.max_body = settings.max_body_mb * 1024 * 1024
+        self.max_json = settings.max_json_kb * 1024
+        # host names only: a port-forwarded client (qemu, ssh -L) sends another port
+        self.hosts = {"localhost", "127.0.0.1", "[::1]", settings.host,
+                      *settings.allowed_hosts}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        try:
+            self._check(scope, headers)
+        except ApplianceError as exc:
+            # a refused client gets its connection closed too: it costs nothing while it retries
+            exc.headers["Connection"] = "close"
+            await error_response(exc)(scope, receive, send)
+            return
+        # Uploads (multipart audio) may be large; everything else is JSON, which is parsed on
+        # the event loop, so it gets a much smaller cap.
+        upload = headers.get("content-type", "").startswith("multipart/")
+        cap = self.max_body if upload else self.max_json
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > cap):
+            await error_response(self._too_large(upload))(scope, receive, send)
+            return
+        # Read the whole body here, counting as it arrives (chunked uploads carry no length),
+        # then hand it to the app in one piece.
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > cap:
+                await error_response(self._too_large(upload))(scope, receive, send)
+                return
+            if not message.get("more_body"):
+                break
+        if not upload and (bad := textcheck.lone_surrogate(body)) is not None:
+            error = InvalidText(f"{bad} holds a lone UTF-16 surrogate, which is not text",
+                                param=bad)
+            await error_response(error)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> MutableMapping[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, upload: bool) -> TooLarge:
+        limit = (f"{self.settings.max_body_mb} MiB (max_body_mb)" if upload
+                 else f"{self.settings.max_json_kb} KiB (max_json_kb)")
+        return TooLarge(f"request body is larger than {limit}")
+
+    def _check(self, scope: Scope, headers: dict[str, str]) -> None:
+        host = headers.get("host", "").lower()
+        name = host if host.endswith("]") else host.rpartition(":")[0] or host
+        if name not in self.hosts:
+            raise Misdirected("this appliance does not answer for that Host name")
+        origin = headers.get("origin")
+        if origin is not None and origin not in self.settings.allowed_origins:
+            raise Forbidden("cross-origin requests are not allowed")
+        if scope["path"] in OPEN_PATHS or not self.settings.auth:
+            return
+        auth = headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or not key_matches(key.strip(), self.settings.api_key_hashes):
+            raise Unauthorized("Incorrect API key provided.")
+        mark_keyed(scope)

@@ -1,0 +1,45 @@
+"""GET /v1/models, /healthz and /metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from appliance.api import responses
+from appliance.api.generation import runtime
+from appliance.errors import ModelNotFound
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list",
+            "data": [responses.model_card(m) for m in runtime(request).served()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    for m in runtime(request).served():
+        if m.id == model_id:
+            return responses.model_card(m)
+    raise ModelNotFound(f"The model `{model_id}` does not exist", param="model")
+
+
+@router.get("/healthz")
+async def healthz(request: Request) -> JSONResponse:
+    report = runtime(request).health()
+    return JSONResponse(report, status_code=503 if report["status"] == "unhealthy" else 200)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> PlainTextResponse:
+    rt = runtime(request)
+    lines = [f"appliance_{k} {v}" for k, v in rt.lanes.report().items()]
+    for model, load in rt.load_report().items():
+        task = load.pop("task")
+        for key, value in load.items():
+            lines.append(f'appliance_{task}_{key}{{model="{model}"}} {value}')
+    return PlainTextResponse("\n".join(lines) + "\n")

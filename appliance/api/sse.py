@@ -1,0 +1,21 @@
+"""Server-sent events, as the OpenAI SDK reads them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from appliance.errors import ApplianceError
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+def sse_error(message: str | None) -> bytes:
+    """An error in the middle of a stream: the OpenAI SDK raises it as an APIError."""
+    return sse(ApplianceError(message or "generation failed").body())
+
+
+DONE = sse("[DONE]")

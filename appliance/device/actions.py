@@ -1,0 +1,101 @@
+"""What an owner does to the device: activate or roll back a bundle, change the trust store,
+import a USB stick. Each action takes the store lock and is audited here, whoever calls it
+(the CLI, the USB unit, and later signed control documents)."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.device import install
+from appliance.device.layout import Layout
+from appliance.device.store import Installed, Store
+from appliance.errors import ApplianceError, StoreError
+
+
+def activate(layout: Layout, name: str, sequence: int) -> int | None:
+    """Make an installed sequence active; returns the one it replaced."""
+    return _switch(layout, "activate", name, sequence)
+
+
+def rollback(layout: Layout, name: str) -> tuple[int, int | None]:
+    """Back to the sequence before the active one: (now active, was active)."""
+    target = Store(layout).rollback_target(name)
+    return target, _switch(layout, "rollback", name, target)
+
+
+def _switch(layout: Layout, event: str, name: str, sequence: int) -> int | None:
+    store = Store(layout)
+    with store.locked():
+        store.cleanup()
+        previous = store.activate(name, sequence)
+        layout.audit.append(event, bundle=name, sequence=sequence, previous=previous,
+                            result="ok")
+    return previous
+
+
+def trust_key(layout: Layout, pub_file: Path) -> str:
+    with Store(layout).locked():
+        kid = layout.trust.add(pub_file)
+        layout.audit.append("key-add", keyid=kid, result="ok")
+    return kid
+
+
+def distrust_key(layout: Layout, kid_prefix: str) -> str:
+    with Store(layout).locked():
+        kid = layout.trust.remove(kid_prefix)
+        layout.audit.append("key-remove", keyid=kid, result="ok")
+    return kid
+
+
+def set_threshold(layout: Layout, value: int) -> None:
+    with Store(layout).locked():
+        layout.trust.set_threshold(value)
+        layout.audit.append("key-threshold", threshold=value, result="ok")
+
+
+@dataclass(frozen=True)
+class StickResult:
+    """One file of a stick: what was imported, or why it was refused."""
+
+    file: str
+    imported: Installed | None = None
+    error: str | None = None
+
+
+def import_folder(layout: Layout, folder: Path) -> list[StickResult]:
+    """Import the bundles at the top of a stick. Nothing on it is executed or followed: only
+    regular files named *.bundle, each verified before anything is installed (and each import,
+    accepted or refused, is audited by `install`)."""
+    results = []
+    for entry in sorted(folder.iterdir()):
+        if entry.suffix != ".bundle" or entry.is_symlink() or not entry.is_file():
+            continue
+        try:
+            results.append(StickResult(entry.name, install.import_bundle(entry, layout)))
+        except ApplianceError as exc:
+            results.append(StickResult(entry.name, error=exc.message))
+    return results
+
+
+def import_device(layout: Layout, device: Path) -> list[StickResult]:
+    """Mount a stick read-only (nosuid, nodev, noexec), import it, unmount."""
+    with mounted(device) as folder:
+        return import_folder(layout, folder)
+
+
+@contextmanager
+def mounted(device: Path) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="appliance-usb-") as mnt:
+        done = subprocess.run(["mount", "-o", "ro,nosuid,nodev,noexec", str(device), mnt],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise StoreError(f"cannot mount {device}: {done.stderr.strip()}")
+        try:
+            yield Path(mnt)
+        finally:
+            subprocess.run(["umount", mnt], check=False)
