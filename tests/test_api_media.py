@@ -102,6 +102,15 @@ def test_embeddings_match_reference(client: openai.OpenAI) -> None:
     assert r.usage.prompt_tokens == r.usage.total_tokens > len(REFERENCE["sentences"]) * 3
 
 
+def test_a_text_gets_one_vector_however_it_is_batched(client: openai.OpenAI) -> None:
+    """Index in batches, query one at a time: the int8 variant must give the same vector."""
+    batch = client.embeddings.create(model=EMBED, input=REFERENCE["sentences"])
+    for i in (0, len(REFERENCE["sentences"]) - 1):
+        alone = client.embeddings.create(model=EMBED, input=REFERENCE["sentences"][i])
+        diff = np.abs(np.array(alone.data[0].embedding) - np.array(batch.data[i].embedding))
+        assert diff.max() < 1e-4
+
+
 def test_base64_and_dimensions(client: openai.OpenAI) -> None:
     plain = client.embeddings.create(model=EMBED, input="hello there")
     raw = client.embeddings.with_raw_response.create(model=EMBED, input="hello there",

@@ -6,11 +6,15 @@ Requests from concurrent clients are gathered for a few milliseconds into one pa
 tokenizer.json pads every input to 128 tokens; here padding is dynamic (to the longest input of
 the batch) and truncation is off: an input longer than the model's limit is the client's error.
 
-The int8 variant quantises activations with one scale per batch (onnxruntime's dynamic
-quantisation), so a row's vector moves slightly with its batch mates (cosine to the same text
-embedded alone >= 0.98, measured 0.985-0.994 on the parity sentences); fp32 rows are identical
-either way. int8 is twice as fast here, so it is the CPU default; settings can pick fp32
-(`[models] quantization = { "all-minilm-l6-v2" = "fp32" }`).
+The int8 variant quantises activations dynamically, with one scale per tensor: run in a batch,
+a text's vector would move with its batch mates (cosine 0.985 to itself alone, measured). Users
+index documents in batches and query them one at a time, so the same text must give the same
+vector however it arrives: a dynamically quantised graph is therefore run one row at a time
+(`max_batch=1`; requests are still gathered, and each row needs no padding). Measured on the
+parity set with one thread: int8 per row 304 texts/s and identical to itself alone; int8 in
+batches of 32, 372 texts/s but not; fp32 in batches, about 140. Per-token quantisation in the
+graph would keep batching, but onnxruntime's fused MatMulIntegerToFloat reads only one
+activation scale (cosine 0.51 to fp32 when fused, tried), so the plain per-row run it is.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ class EmbedEngine:
     def __init__(self, model: Path, max_tokens: int, lanes: CoreLanes, threads: int = 1,
                  max_batch: int = 32, gather_ms: float = 2.0, max_queue: int = 64) -> None:
         """Load `model` (ONNX, tokenizer.json beside it). onnxruntime gets `threads` intra-op
-        threads with spinning off, since the chat engine's threads share the same cores."""
+        threads with spinning off, since the chat engine's threads share the same cores.
+        `max_batch` rows go into one run: 1 for a dynamically quantised graph (see above)."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -81,7 +86,7 @@ class EmbedEngine:
         self._jobs: list[_Job] = []
         self._cond = threading.Condition()
         self._stop = False
-        self.stats = {"requests": 0, "inputs": 0, "tokens": 0, "batches": 0}
+        self.stats = {"requests": 0, "inputs": 0, "tokens": 0, "batches": 0, "runs": 0}
         self._thread = threading.Thread(target=self._run, name="embed", daemon=True)
         self._thread.start()
 
@@ -134,7 +139,7 @@ class EmbedEngine:
             with self.lanes.borrow("embeddings"):
                 result = self.session.run(None, {"input_ids": input_ids, "attention_mask": mask})
             out[chunk] = result[0]
-            self.stats["batches"] += 1
+            self.stats["runs"] += 1
         return out
 
     def _run(self) -> None:
@@ -160,6 +165,7 @@ class EmbedEngine:
                 job.future.set_result(vectors[at:at + len(job.ids)])
                 at += len(job.ids)
             self.stats["requests"] += len(jobs)
+            self.stats["batches"] += 1
             self.stats["inputs"] += len(rows)
             self.stats["tokens"] += sum(len(r) for r in rows)
 

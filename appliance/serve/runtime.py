@@ -188,8 +188,12 @@ class Runtime:
     def _load_embed(self, inst: Installed, loaded: LoadedModel) -> Engine:
         from appliance.engines.embed import EmbedEngine
         d = loaded.model.defaults
-        engine = EmbedEngine(inst.file(loaded.choice.variant.path), d.max_input_tokens or 512,
-                             self.lanes, max_queue=self.settings.max_queue)
+        variant = loaded.choice.variant
+        # int8 activations are quantised per run: one row per run keeps a text's vector the
+        # same whatever it is batched with (engines/embed.py)
+        engine = EmbedEngine(inst.file(variant.path), d.max_input_tokens or 512, self.lanes,
+                             max_batch=1 if variant.quantization == "int8" else 32,
+                             max_queue=self.settings.max_queue)
         if d.dimensions and d.dimensions != engine.dimensions:
             engine.close()
             raise ApplianceError(f"{loaded.id}: the bundle says {d.dimensions} dimensions, the "
