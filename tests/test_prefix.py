@@ -18,15 +18,15 @@ class Seq:
 def test_source_and_keep() -> None:
     cache = PrefixCache([8, 9], min_prefix=4)
     system = list(range(100, 120))
-    assert cache.source(system + [1, 2], []) == (-1, 0)
+    assert cache.source([*system, 1, 2], []) == (-1, 0)
     slot = cache.slot_for(system)
     assert slot in (8, 9)
     cache.saved(slot, system)
     assert cache.slot_for(system[:10]) is None  # covered by what is cached
     # the whole shared prefix is kept; a prompt equal to the cached one keeps all but one token
-    assert cache.source(system + [1, 2], []) == (slot, 20)
+    assert cache.source([*system, 1, 2], []) == (slot, 20)
     assert cache.source(system, []) == (slot, 19)
-    assert cache.source([1, 2, 3] + system, []) == (-1, 0)  # too short a shared prefix
+    assert cache.source([1, 2, 3, *system], []) == (-1, 0)  # too short a shared prefix
     other = cache.slot_for(list(range(500, 520)))
     assert other is not None and other != slot  # the least recently used slot
 
@@ -34,10 +34,10 @@ def test_source_and_keep() -> None:
 def test_running_sequences_are_sources_and_make_others_wait() -> None:
     cache = PrefixCache([8], min_prefix=4)
     system = list(range(100, 130))
-    running = [Seq(0, system + [7], done_prompt=10)]
-    assert cache.in_flight(system + [9], running)  # its prefill has not reached the shared part
-    assert cache.source(system + [9], running) == (0, 10)
+    running = [Seq(0, [*system, 7], done_prompt=10)]
+    assert cache.in_flight([*system, 9], running)  # its prefill has not reached the shared part
+    assert cache.source([*system, 9], running) == (0, 10)
     running[0].done_prompt = 31
-    assert not cache.in_flight(system + [9], running)
-    assert cache.source(system + [9], running) == (0, 30)
+    assert not cache.in_flight([*system, 9], running)
+    assert cache.source([*system, 9], running) == (0, 30)
     assert not PrefixCache([], min_prefix=4).in_flight(system, running)  # no cache, no waiting
