@@ -159,3 +159,35 @@ def test_a_model_that_crashes_the_process_is_skipped_next_start(installed: Layou
     assert again.models["tiny"].error is not None
     assert "stopped while loading" not in again.models["tiny"].error
     again.close()
+
+
+_STOPPED_WHILE_LOADING = """
+import signal, sys, time
+from pathlib import Path
+from appliance.serve.runtime import Runtime
+from appliance.serve.service import _stop
+from appliance.serve.settings import Settings
+from appliance.device.layout import Layout
+def slow(self, inst, loaded):
+    print("loading", flush=True)
+    time.sleep(30)
+Runtime._load_chat = slow
+signal.signal(signal.SIGTERM, _stop)  # as serve() does while it loads
+Runtime(Layout(Path(sys.argv[1])), Settings()).load()
+"""
+
+
+def test_a_stop_while_loading_is_not_taken_for_a_crash(installed: Layout) -> None:
+    """systemctl stop (SIGTERM) during a long load unwinds: the model is not skipped later."""
+    proc = subprocess.Popen([sys.executable, "-c", _STOPPED_WHILE_LOADING, str(installed.root)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "loading"
+    assert (installed.run / "loading").exists()
+    proc.terminate()
+    assert proc.wait(timeout=30) == 128 + 15
+    assert not (installed.run / "loading").exists()
+    again = Runtime(installed, Settings())
+    again.load()
+    error = again.models["tiny"].error
+    assert error is not None and "stopped while loading" not in error
+    again.close()

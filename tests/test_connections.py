@@ -301,3 +301,44 @@ def test_keyed_client_served_during_unauthenticated_request_flood(target: Target
           f"max {latencies[-1] * 1000:.0f} ms")
     assert refused[0] > 100
     assert latencies[-1] < 1.0
+
+
+def test_pipelined_requests_are_all_answered(target: Target) -> None:
+    request = (f"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
+               f"{target.key}\r\n\r\n").encode()
+    with target.connect() as sock:
+        sock.sendall(request * 3)
+        data = b""
+        while data.count(b"HTTP/1.1 ") < 3 or not data.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        assert data.count(b"HTTP/1.1 200 OK") == 3
+        time.sleep(HEADER_TIMEOUT + 1)  # then idle: closed like any idle connection
+        assert closed_within(sock, 3) < 3
+
+
+def test_open_path_takes_no_body(target: Target) -> None:
+    """/healthz needs no key, so nothing a client sends to it is read or buffered."""
+    with target.connect() as sock:
+        sock.sendall(b"POST /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/"
+                     b"form-data; boundary=x\r\nContent-Length: 20000000\r\n\r\n" + b"x" * 1000)
+        status, headers, body = read_response(sock)
+    assert status == 400 and headers["connection"] == "close"
+    assert json.loads(body)["error"]["message"] == "this path takes no request body"
+
+
+def test_upload_cap_is_chosen_by_route_not_by_content_type(target: Target) -> None:
+    body = b"--x\r\n" + b"a" * 70_000
+    with target.connect() as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                     f"Authorization: Bearer {target.key}\r\nContent-Type: multipart/form-data; "
+                     f"boundary=x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        status, _, data = read_response(sock)
+    assert status == 413 and "max_json_kb" in json.loads(data)["error"]["message"]
+
+
+def test_json_must_be_utf8(target: Target) -> None:
+    doc = '{"model": "m", "input": "\\ud800"}'.encode("utf-16-le")
+    status, body = _post(target, "/v1/embeddings", doc)
+    assert status == 400 and "UTF-8" in json.loads(body)["error"]["message"]

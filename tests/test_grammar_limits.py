@@ -28,6 +28,11 @@ RF = "response_format.json_schema.schema"
     ({"type": "string", "pattern": "^" + "a" * 5000 + "$"}, f"{RF}.pattern"),
     ({"type": "string", "maxLength": -1}, f"{RF}.maxLength"),
     ({"$ref": "https://example.com/schema.json"}, f"{RF}.$ref"),
+    ({"type": "object", "patternProperties": {"a{99999999999}": {}}},
+     f"{RF}.patternProperties"),
+    ({"type": "string", "pattern": "^" + "(" * 500 + "a" + ")" * 500 + "$"}, f"{RF}.pattern"),
+    ({"type": "string", "pattern": r"^(((a{512}[\])][\])][\])]){512}){512}){512}$"},
+     f"{RF}.pattern"),  # an escaped ] inside a class does not end it
 ])
 def test_unbounded_schemas_are_refused_naming_the_field(schema: dict[str, Any],
                                                         param: str) -> None:

@@ -147,6 +147,8 @@ def test_tool_call_history_with_quotes_in_the_name(sdk: openai.OpenAI, fakes: Fa
     ({"model": EMBED}, 404, "model", "model_not_found"),
     ({"n": 2}, 400, "n", None),
     ({"logit_bias": {"9999999": 1}}, 400, "logit_bias", None),
+    ({"logit_bias": {"\u00b2": 1}}, 400, "logit_bias", None),
+    ({"logit_bias": {"1" * 5000: 1}}, 400, "logit_bias", None),
     ({"max_tokens": 10_000}, 400, "messages", "context_length_exceeded"),
     ({"temperature": 5}, 400, "temperature", None),
     ({"tool_choice": "required"}, 400, "tool_choice", None),

@@ -29,6 +29,7 @@ def test_file_then_environment(tmp_path: Path) -> None:
     ("[chat]\nparallel = 0\n", "parallel must be between"),
     ("[hardware]\nprefer = 'tpu'\n", "prefer must be auto or cpu"),
     ("[server\n", "not valid TOML"),
+    ("[chat]\nkv_cells = 256\nparallel = 8\n", "fewer than 64 cells"),
 ])
 def test_bad_settings_file(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(FormatError, match=message):

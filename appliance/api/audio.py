@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from appliance.engines.transcribe import Segment, Transcript
 from appliance.errors import RequestError, Unsupported
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 # Transcriptions run for seconds to minutes: on threads of their own, so that they can never
 # take the default executor's few threads from the short jobs of other requests (tokenising).
 # Past the core lanes they wait inside (engines/lanes.py); past max_queue they are refused.
@@ -97,16 +99,18 @@ async def _read_form(request: Request) -> tuple[dict[str, list[Any]], bytes]:
         form = await request.form(max_files=1, max_fields=16)
     except Exception as exc:  # starlette raises several types for malformed multipart
         raise RequestError(f"the form could not be read: {exc}", param="file") from None
-    fields: dict[str, list[Any]] = {}
-    for key, value in form.multi_items():
-        if key not in FIELDS:
-            raise Unsupported(key, f"Unrecognized request argument supplied: {key}")
-        fields.setdefault(key, []).append(value)
-    files = fields.pop("file", [])
-    if len(files) != 1 or not isinstance(files[0], UploadFile):
-        raise Unsupported("file", "exactly one audio file is required in the `file` field")
-    data = await files[0].read()
-    await form.close()
+    try:  # the form spools the upload to a temporary file: closed on every path
+        fields: dict[str, list[Any]] = {}
+        for key, value in form.multi_items():
+            if key not in FIELDS:
+                raise Unsupported(key, f"Unrecognized request argument supplied: {key}")
+            fields.setdefault(key, []).append(value)
+        files = fields.pop("file", [])
+        if len(files) != 1 or not isinstance(files[0], UploadFile):
+            raise Unsupported("file", "exactly one audio file is required in the `file` field")
+        data = await files[0].read()
+    finally:
+        await form.close()
     if not data:
         raise Unsupported("file", "the audio file is empty")
     return fields, data
@@ -174,9 +178,9 @@ async def _handle(request: Request, translate: bool) -> Response:
         kw = {"language": form.language, "prompt": form.prompt,
               "temperature": form.temperature, "translate": translate, "words": form.words}
         if form.stream:
+            events = _stream(engine, pcm, kw, request)  # its worker owns the place now
             handed_over = True
-            return StreamingResponse(_stream(engine, pcm, kw, request),
-                                     media_type="text/event-stream")
+            return StreamingResponse(events, media_type="text/event-stream")
         transcript = await loop.run_in_executor(
             AUDIO_WORKERS, functools.partial(engine.transcribe, pcm, **kw))
     finally:
@@ -204,6 +208,7 @@ def _stream(engine: TranscribeBackend, pcm: Any, kw: dict[str, Any],
                 loop.call_soon_threadsafe(queue.put_nowait, seg.text)
             loop.call_soon_threadsafe(queue.put_nowait, None)
         except BaseException as exc:  # handed to the client as an error event
+            log.exception("streamed transcription failed")
             with contextlib.suppress(RuntimeError):  # the loop may be gone
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
         finally:

@@ -64,16 +64,20 @@ async def completions(req: CompletionRequest, request: Request) -> Response | di
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for i, (prompt, stream) in enumerate(zip(req.prompts, streams, strict=True)):
-        text, got, finish = await collect(stream, request)
-        if finish is None:
-            return Response(status_code=499)
-        for key, value in responses.usage(finish).items():
-            usage[key] += value
-        choices.append({"index": i, "text": (prompt if req.echo else "") + text,
-                        "finish_reason": finish.reason,
-                        "logprobs": _legacy_logprobs(served, got) if req.logprobs is not None
-                        else None})
+    try:
+        for i, (prompt, stream) in enumerate(zip(req.prompts, streams, strict=True)):
+            text, got, finish = await collect(stream, request)
+            if finish is None:
+                return Response(status_code=499)
+            for key, value in responses.usage(finish).items():
+                usage[key] += value
+            choices.append({"index": i, "text": (prompt if req.echo else "") + text,
+                            "finish_reason": finish.reason,
+                            "logprobs": _legacy_logprobs(served, got)
+                            if req.logprobs is not None else None})
+    finally:
+        for s in streams:  # the client left or one failed: the rest stop too (no-op if done)
+            s.cancel()
     return {**envelope.base, "choices": choices, "usage": usage}
 
 

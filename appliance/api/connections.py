@@ -101,7 +101,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._address = ""
         self._counted = False
         self._refused = False
-        self._in_request = False
+        self._in_request = False  # from a request's headers until its response is done
+        self._in_body = False  # from a request's headers until its body is all in
         self._header_bytes = 0
         self._tail = b""  # the last bytes seen, to find a header end split across reads
         self._deadline: asyncio.TimerHandle | None = None
@@ -148,14 +149,13 @@ class GuardedProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # draining before the close
-        if not self._in_request:
-            if not self._headers_fit(data):
-                self.refuse(431, "request headers are larger than "
-                                 f"{self.registry.limits.max_header_bytes} bytes",
-                            "headers_too_large", retry_after=None)
-                return
-        elif self.cycle is not None and self.cycle.more_body:
+        if self._in_body:
             self._arm(self.registry.limits.idle_timeout, self._body_stalled)
+        elif not self._headers_fit(data):  # the next request's headers, even mid-response
+            self.refuse(431, "request headers are larger than "
+                             f"{self.registry.limits.max_header_bytes} bytes",
+                        "headers_too_large", retry_after=None)
+            return
         super().data_received(data)
 
     def _headers_fit(self, data: bytes) -> bool:
@@ -176,19 +176,27 @@ class GuardedProtocol(HttpToolsProtocol):
         scope["extensions"] = {EXTENSION: self.marks}
 
     def on_headers_complete(self) -> None:
-        self._in_request = True
+        self._in_request = self._in_body = True
         self._header_bytes, self._tail = 0, b""
         self.registry.waiting.pop(self, None)
-        self._arm(self.registry.limits.idle_timeout, self._body_stalled)
         super().on_headers_complete()
+        if self.pipeline:  # queued behind a running request: uvicorn stopped reading
+            self._cancel_deadline()
+        else:
+            self._arm(self.registry.limits.idle_timeout, self._body_stalled)
 
     def on_message_complete(self) -> None:
+        self._in_body = False
         self._cancel_deadline()  # the body is in; the answer may take as long as it takes
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing() and not self.pipeline:
+        super().on_response_complete()  # may start a pipelined request
+        if self.transport.is_closing():
+            return
+        if self._in_body:  # answered before its body was read (401, 413): not reusable
+            self.drop()
+        elif self.cycle is None or self.cycle.response_complete:
             self._await_headers()
 
     def _await_headers(self) -> None:
@@ -251,6 +259,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self.loop.call_later(LINGER, close)
 
     def send_400_response(self, msg: str) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.drop()  # garbage after a request whose answer is still being written
+            return
         self.refuse(400, "the request is not valid HTTP/1.1", "invalid_http", retry_after=None)
 
 

@@ -25,6 +25,8 @@ MAX_CHARS_PER_TOKEN = 64
 # loop or the scheduler thread; the schema limits in grammar.py keep one build well below this.
 GRAMMAR_WORKER = ThreadPoolExecutor(1, thread_name_prefix="grammar")
 GRAMMAR_WAIT = 15.0
+GRAMMAR_BACKLOG = 8  # builds queued or running; past that, 503 at once
+_grammar_pending = [0]
 
 
 def runtime(request: Request) -> Runtime:
@@ -68,20 +70,26 @@ async def prepare_grammar(engine: ChatBackend, gen: GenerationRequest,
     """Convert the request's constraint into a grammar and compile its sampler, on the grammar
     worker. Sets gen.grammar and gen.sampler."""
 
+    if _grammar_pending[0] >= GRAMMAR_BACKLOG:
+        raise Busy("grammar builds are backed up; retry shortly", retry_after=5)
+
     def work() -> Any:
         gen.grammar = build()
         return engine.make_sampler(gen) if gen.grammar else None
 
+    _grammar_pending[0] += 1
     future = asyncio.get_running_loop().run_in_executor(GRAMMAR_WORKER, work)
+    future.add_done_callback(lambda _: _grammar_pending.__setitem__(0, _grammar_pending[0] - 1))
     try:
         gen.sampler = await asyncio.wait_for(asyncio.shield(future), GRAMMAR_WAIT)
     except TimeoutError:
-        def free(done: asyncio.Future[Any]) -> None:  # the build finishes on its own
-            if not done.cancelled() and done.exception() is None:
-                gen.sampler = done.result()
-                engine.discard(gen)
+        if not future.cancel():  # already running: it finishes on its own; free what it makes
+            def free(done: asyncio.Future[Any]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    gen.sampler = done.result()
+                    engine.discard(gen)
 
-        future.add_done_callback(free)
+            future.add_done_callback(free)
         raise Busy("grammar builds are backed up; retry shortly", retry_after=5) from None
 
 

@@ -22,6 +22,7 @@ MAX_SCHEMA_NODES = 4096  # objects and arrays in one schema
 MAX_REPEAT = 512  # any length, item or property bound; nested regex quantifiers multiplied
 # (llama.cpp itself refuses a grammar nested about a thousand deep, which is what a bound becomes)
 MAX_PATTERN = 1024  # characters of one `pattern`
+MAX_GROUPS = 32  # nested groups in one pattern
 MAX_GRAMMAR_CHARS = 512 * 1024  # the converted grammar
 _BOUNDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
            "minContains", "maxContains")
@@ -57,6 +58,9 @@ def check_schema(schema: Any, param: str) -> None:
         where = ".".join([param, *(str(p) for p in exc.absolute_path)])
         raise Unsupported(where, f"{where} is not a valid JSON schema: "
                                  f"{' '.join(exc.message.split())[:200]}") from None
+    except Exception as exc:  # its regex checks raise too (OverflowError, RecursionError)
+        raise Unsupported(param, f"{param} is not a JSON schema this server can check: "
+                                 f"{type(exc).__name__}") from None
 
 
 def _check_bounds(node: dict[str, Any], where: str) -> None:
@@ -72,14 +76,18 @@ def _check_bounds(node: dict[str, Any], where: str) -> None:
     ref = node.get("$ref")
     if ref is not None and (not isinstance(ref, str) or not ref.startswith("#")):
         raise Unsupported(f"{where}.$ref", f"{where}.$ref must point inside the schema (#/...)")
-    pattern = node.get("pattern")
-    if pattern is not None:
+    patterns = [(f"{where}.pattern", node.get("pattern"))]
+    if isinstance(node.get("patternProperties"), dict):  # its keys are regexes too
+        patterns += [(f"{where}.patternProperties", key) for key in node["patternProperties"]]
+    for at, pattern in patterns:
+        if pattern is None:
+            continue
         if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN:
-            raise Unsupported(f"{where}.pattern", f"{where}.pattern must be a string of at most "
-                                                  f"{MAX_PATTERN} characters")
+            raise Unsupported(at, f"{at} must be a string of at most {MAX_PATTERN} characters")
         if (reps := pattern_repeats(pattern)) > MAX_REPEAT:
-            raise Unsupported(f"{where}.pattern", f"{where}.pattern repeats up to {reps} times; "
-                                                  f"a grammar can enforce at most {MAX_REPEAT}")
+            raise Unsupported(at, f"{at} repeats up to {reps} times (or nests groups deeper "
+                                  f"than {MAX_GROUPS}); a grammar can enforce at most "
+                                  f"{MAX_REPEAT}")
 
 
 def pattern_repeats(pattern: str) -> int:
@@ -94,10 +102,11 @@ def pattern_repeats(pattern: str) -> int:
             i += 2
             continue
         if c == "[":
-            close = pattern.find("]", i + 2)
-            i = n if close < 0 else close + 1
+            i = _class_end(pattern, i)
             continue
         if c == "(":
+            if len(inner) > MAX_GROUPS:
+                return MAX_REPEAT + 1  # deeper than any schema needs
             inner.append(1)
             i += 1
             continue
@@ -112,6 +121,23 @@ def pattern_repeats(pattern: str) -> int:
             i = m.end()
         inner[-1] = max(inner[-1], value)
     return max(inner)
+
+
+def _class_end(pattern: str, i: int) -> int:
+    """Index just past the character class that opens at pattern[i] (escapes skipped)."""
+    j = i + 1
+    if j < len(pattern) and pattern[j] == "^":
+        j += 1
+    if j < len(pattern) and pattern[j] == "]":
+        j += 1  # a leading ] is a literal
+    while j < len(pattern):
+        if pattern[j] == "\\":
+            j += 2
+            continue
+        if pattern[j] == "]":
+            return j + 1
+        j += 1
+    return len(pattern)
 
 
 def _upper(m: re.Match[str]) -> int:

@@ -5,6 +5,7 @@ API keys are checked in constant time."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from appliance.errors import (
     Forbidden,
     InvalidText,
     Misdirected,
+    RequestError,
     TooLarge,
     Unauthorized,
 )
@@ -26,6 +28,7 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 OPEN_PATHS = ("/healthz",)  # answered without an API key: says alive or not, nothing more
+UPLOAD_PATHS = ("/v1/audio/",)  # the only routes that take large (multipart) bodies
 
 
 class Guard:
@@ -35,8 +38,8 @@ class Guard:
         self.max_body = settings.max_body_mb * 1024 * 1024
         self.max_json = settings.max_json_kb * 1024
         # host names only: a port-forwarded client (qemu, ssh -L) sends another port
-        self.hosts = {"localhost", "127.0.0.1", "[::1]", settings.host,
-                      *settings.allowed_hosts}
+        self.hosts = {_bracketed(h.lower()) for h in
+                      ("localhost", "127.0.0.1", "::1", settings.host, *settings.allowed_hosts)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,9 +54,15 @@ class Guard:
             exc.headers["Connection"] = "close"
             await error_response(exc)(scope, receive, send)
             return
-        # Uploads (multipart audio) may be large; everything else is JSON, which is parsed on
-        # the event loop, so it gets a much smaller cap.
-        upload = headers.get("content-type", "").startswith("multipart/")
+        if scope["path"] in OPEN_PATHS and (headers.get("content-length", "0") != "0"
+                                            or "transfer-encoding" in headers):
+            # no key was asked for: nothing from such a client is read or buffered
+            await error_response(RequestError("this path takes no request body", headers={
+                "Connection": "close"}))(scope, receive, send)
+            return
+        # Uploads (multipart audio, on its routes only) may be large; everything else is JSON,
+        # which is parsed on the event loop, so it gets a much smaller cap.
+        upload = scope["path"].startswith(UPLOAD_PATHS)
         cap = self.max_body if upload else self.max_json
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > cap):
@@ -72,6 +81,11 @@ class Guard:
                 return
             if not message.get("more_body"):
                 break
+        if body and not upload and json.detect_encoding(bytes(body[:4])) != "utf-8":
+            # RFC 8259: JSON on the wire is UTF-8 (the surrogate check below reads UTF-8)
+            await error_response(RequestError("the request body must be UTF-8 JSON"))(
+                scope, receive, send)
+            return
         if not upload and (bad := textcheck.lone_surrogate(body)) is not None:
             error = InvalidText(f"{bad} holds a lone UTF-16 surrogate, which is not text",
                                 param=bad)
@@ -91,7 +105,8 @@ class Guard:
     def _too_large(self, upload: bool) -> TooLarge:
         limit = (f"{self.settings.max_body_mb} MiB (max_body_mb)" if upload
                  else f"{self.settings.max_json_kb} KiB (max_json_kb)")
-        return TooLarge(f"request body is larger than {limit}")
+        # the rest of the body is not read: the connection cannot be reused
+        return TooLarge(f"request body is larger than {limit}", headers={"Connection": "close"})
 
     def _check(self, scope: Scope, headers: dict[str, str]) -> None:
         host = headers.get("host", "").lower()
@@ -108,3 +123,8 @@ class Guard:
         if scheme.lower() != "bearer" or not key_matches(key.strip(), self.settings.api_key_hashes):
             raise Unauthorized("Incorrect API key provided.")
         mark_keyed(scope)
+
+
+def _bracketed(host: str) -> str:
+    """IPv6 literals as a Host header carries them: in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -138,7 +138,7 @@ class Sampled(Strict):
     @classmethod
     def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key in v or {}:
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
                 raise ValueError("logit_bias keys are token ids")
         return v
 

@@ -183,7 +183,8 @@ class ChatEngine:
         cparams.kv_unified = False  # see the module docstring
         cparams.no_perf = True
         self._ctx = ll.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
+        if not self._ctx:  # e.g. no memory for the KV cache: give the weights back too
+            ll.llama_model_free(self._model)
             raise ApplianceError(f"llama.cpp could not create a context for {model_path.name}")
         self._mem = ll.llama_get_memory(self._ctx)
         self.ctx_per_seq = min(config.ctx_per_seq, self.n_ctx_train or config.ctx_per_seq)

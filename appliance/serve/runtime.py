@@ -74,6 +74,8 @@ def _gpu_layers(path: str, offload: float) -> int:
     params = ll.llama_model_default_params()
     params.vocab_only = True  # metadata only: cheap
     model = ll.llama_model_load_from_file(path.encode(), params)
+    if not model:
+        raise ApplianceError(f"llama.cpp could not read {path}")
     try:
         arch = ctypes.create_string_buffer(128)
         ll.llama_model_meta_val_str(model, b"general.architecture", arch, 128)
@@ -118,8 +120,10 @@ class Runtime:
                         "crash in its runtime); skipped until the bundle changes or a reboot")
                     continue
                 atomic_write(self._loading_path, tag.encode())
-                self.models[model.id] = self._load_model(inst, model)
-                self._loading_path.unlink()
+                try:
+                    self.models[model.id] = self._load_model(inst, model)
+                finally:  # a crash skips this; an orderly stop (SIGTERM, Ctrl-C) does not
+                    self._loading_path.unlink(missing_ok=True)
         self._write_status()
 
     @property
@@ -162,12 +166,6 @@ class Runtime:
                 f"{type(exc).__name__}: {exc}")
             loaded.error = " ".join(message.split())[:500]  # one line, bounded
             log.error("model %s failed to load: %s", model.id, loaded.error)
-            if loaded.engine is not None:
-                try:
-                    loaded.engine.close()
-                except Exception:
-                    log.exception("closing the half-loaded %s", model.id)
-                loaded.engine = None
         return loaded
 
     def _load_chat(self, inst: Installed, loaded: LoadedModel) -> Engine:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import signal
 from collections.abc import Callable
 
 from appliance.device.layout import Layout
@@ -12,6 +13,10 @@ from appliance.serve.runtime import Runtime
 from appliance.serve.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def serve(layout: Layout, announce: Callable[[Settings, list[str]], None] | None = None) -> None:
@@ -27,6 +32,9 @@ def serve(layout: Layout, announce: Callable[[Settings, list[str]], None] | None
     cfg = settings_mod.load(layout)
     cfg.check()
     runtime = Runtime(layout, cfg)
+    # SIGTERM (systemctl stop, a start timeout) while loading must unwind, so the record of
+    # the model being loaded is cleared and not taken for a crash (uvicorn takes over later)
+    signal.signal(signal.SIGTERM, _stop)
     runtime.load()
     for model_id, info in runtime.status()["models"].items():
         state = "loaded" if info["loaded"] else f"not loaded: {info['error']}"
@@ -57,4 +65,4 @@ def serve(layout: Layout, announce: Callable[[Settings, list[str]], None] | None
         max_header_bytes=cfg.max_header_kb * 1024)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5, timeout_keep_alive=5, http=guarded_protocol(limits),
-                server_header=False)
+                ws="none", server_header=False)  # an upgrade would leave the connection limits

@@ -215,4 +215,7 @@ def validate(doc: Fields) -> Settings:
     )
     for table in (server, chat, hw, limits, models):
         table.done()
+    if s.kv_cells // (s.parallel + s.prefix_slots) < 64:
+        raise chat.fail("kv_cells", f"gives each of the {s.parallel + s.prefix_slots} streams "
+                                    "(parallel + prefix_slots) fewer than 64 cells")
     return s
