@@ -183,7 +183,8 @@ def install_units(ctx: Context) -> None:
     tree, units = ctx.tree, PROJECT / "systemd"
     system = tree / "etc/systemd/system"
     for unit in ("appliance.service", "appliance-import@.service",
-                 "appliance-console-status.service"):
+                 "appliance-console-status.service", "appliance-trial.service",
+                 "appliance-trial.path"):
         shutil.copy(units / unit, system / unit)
     if ctx.target.devices:
         dropin = system / "appliance.service.d"
@@ -213,7 +214,7 @@ def install_units(ctx: Context) -> None:
             "tmpfs /var/log tmpfs nosuid,nodev,mode=0755 0 0\n"
             "tmpfs /var/lib/systemd tmpfs nosuid,nodev,mode=0755 0 0\n")
     run(ctx, "systemctl", f"--root={tree}", "enable", "appliance.service",
-        "appliance-console-status.service", "systemd-networkd.service")
+        "appliance-console-status.service", "appliance-trial.path", "systemd-networkd.service")
     run(ctx, "systemctl", f"--root={tree}", "mask", "systemd-firstboot.service",
         "systemd-networkd-wait-online.service")
     run(ctx, "chroot", tree, "passwd", "--lock", "root")

@@ -52,6 +52,7 @@ def serve(layout: Layout, announce: Callable[[Settings, list[str]], None] | None
         return not runtime.restart_would_help(), f"{report['status']}: {line}"
 
     notify.supervise(cfg.host, cfg.port, healthy)
+    runtime.follow()  # a new active sequence goes live by itself (self-tested if on trial)
     # The models are loaded: keep what exists now out of the collector's walks, and collect
     # young objects less often; a collection pauses the token path of every stream at once.
     gc.collect()
