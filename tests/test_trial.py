@@ -33,7 +33,8 @@ from appliance.device.install import import_bundle
 from appliance.device.layout import Layout
 from appliance.device.store import Store
 from appliance.errors import StoreError, UsageError
-from appliance.serve import hardware, runtime as runtime_mod
+from appliance.serve import hardware
+from appliance.serve import runtime as runtime_mod
 from appliance.serve.runtime import Runtime
 
 GOOD = {CHAT: [{"input": "Say hello.", "contains": ["hello"], "max_tokens": 20}],
@@ -122,11 +123,21 @@ def test_trial_states_commit_and_fall_back(device: Device) -> None:
     assert seq == 1 and store.trial("demo") is None  # the last good one needs no trial
 
 
-def test_first_bundle_failing_leaves_nothing_active(device: Device) -> None:
-    device.install(1, GOOD)
-    _report(device.layout, "demo", 1, False)
+def test_first_bundle_failing_its_check_serves_only_what_passed(device: Device) -> None:
+    """Nothing to fall back to: the sequence stays, marked bad, and the models that failed
+    their check are withheld, now and after a restart."""
+    device.install(1, {**GOOD, CHAT: WRONG[CHAT]})
+    rt = device.runtime()
+    assert rt.serving == {"demo": 1}
+    assert rt.models[CHAT].engine is None and "Zanzibar" in (rt.models[CHAT].error or "")
+    assert rt.models[EMBED].engine is not None  # no check of its own failed
     [outcome] = trial.settle(device.layout)
-    assert outcome.fallback is None and device.store.active("demo") is None
+    assert outcome.fallback is None
+    assert (device.store.active("demo"), device.store.bad("demo")) == (1, [1])
+    rt.close()
+    again = device.runtime()  # not on trial any more, but bad: checked again, still withheld
+    assert again.models[CHAT].engine is None and again.models[EMBED].engine is not None
+    again.close()
 
 
 def test_prune_keeps_the_last_good_sequence(device: Device) -> None:
@@ -212,7 +223,7 @@ def test_no_request_fails_during_a_swap(device: Device, monkeypatch: pytest.Monk
                     {"role": "user", "content": "hi"}])
                 seen.add(r.system_fingerprint)
                 sdk.embeddings.create(model=EMBED, input="x")
-            except Exception as exc:  # noqa: BLE001 - counted, that is the test
+            except Exception as exc:
                 failures.append(repr(exc))
 
     workers = [threading.Thread(target=keep_asking) for _ in range(3)]

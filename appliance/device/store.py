@@ -132,13 +132,6 @@ class Store:
     def set_bad(self, name: str, sequences: list[int]) -> None:
         self._write_state(name, "bad", " ".join(map(str, sorted(set(sequences)))))
 
-    def deactivate(self, name: str) -> int | None:
-        """No active sequence (a first bundle that failed its self-test)."""
-        previous = self.active(name)
-        (self.layout.store / name / "current").unlink(missing_ok=True)
-        fsync_dir(self.layout.store / name)
-        return previous
-
     def _number(self, name: str, what: str) -> int | None:
         text = self._read_state(name, what).strip()
         if not text:

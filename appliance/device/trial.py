@@ -95,9 +95,8 @@ def _settle_one(store: Store, name: str) -> Outcome | None:
     target = store.last_good(name)
     if target is not None and target in store.sequences(name):
         store.activate(name, target)
-    else:
+    else:  # nothing to fall back to: it stays, and its failing models stay withheld
         target = None
-        store.deactivate(name)
     store.set_trial(name, None)
     layout.audit.append("trial-fail", bundle=name, sequence=sequence, checks=summary,
                         fallback=target, result="rejected")

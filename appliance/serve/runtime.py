@@ -188,14 +188,25 @@ class Runtime:
         self._write_status()
 
     def _serve_sequence(self, inst: Installed) -> None:
-        """Load a sequence's models; on trial, self-test them and publish the result. They
-        are served (all at once) unless the trial failed."""
+        """Load a sequence's models and serve them all at once. A sequence on trial (or one
+        that failed a trial before) is self-tested first and the result published. A failed
+        trial with a last good sequence to fall back to serves nothing of this one (the old
+        one keeps answering until the fallback); without one, only the models that loaded and
+        passed answer, and the others are reported as failed: no model that failed its
+        check is ever served."""
         loaded = {m.id: self._load_tracked(inst, m) for m in inst.manifest.models}
         store = Store(self.layout)
-        if store.trial(inst.name) == inst.sequence and not self._self_test(inst, loaded):
-            for m in loaded.values():
+        on_trial = store.trial(inst.name) == inst.sequence
+        if on_trial or inst.sequence in store.bad(inst.name):
+            failed = self._self_test(inst, loaded, publish=on_trial)
+            if failed and on_trial and store.last_good(inst.name) is not None:
+                for m in loaded.values():
+                    _close(m)
+                return
+            for model_id, reason in failed.items():
+                m = loaded[model_id]
                 _close(m)
-            return
+                m.error = m.error or f"failed its self-test: {reason}"
         self._replace(inst.name, loaded, inst.sequence)
 
     def _replace(self, name: str, loaded: dict[str, LoadedModel], sequence: int | None) -> None:
@@ -223,9 +234,11 @@ class Runtime:
         finally:  # a crash skips this; an orderly stop (SIGTERM, Ctrl-C) does not
             self._loading_path.unlink(missing_ok=True)
 
-    def _self_test(self, inst: Installed, loaded: dict[str, LoadedModel]) -> bool:
+    def _self_test(self, inst: Installed, loaded: dict[str, LoadedModel],
+                   publish: bool) -> dict[str, str]:
         """Run the signed checks on the variants this device chose; write the result where
-        the privileged settle step reads it (the service never writes the store)."""
+        the privileged settle step reads it (the service never writes the store). Returns
+        the models that failed, with why."""
         from appliance.engines import selftest
         results: list[dict[str, Any]] = []
         for model in inst.manifest.models:
@@ -240,15 +253,20 @@ class Runtime:
         passed = all(r["passed"] for r in results)
         report = {"bundle": inst.name, "sequence": inst.sequence, "passed": passed,
                   "checks": results, "finished": int(time.time())}
-        folder = self.layout.run / "selftest"
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / f"{inst.name}-{inst.sequence}.json",
-                     json.dumps(report, indent=2).encode())
+        if publish:
+            folder = self.layout.run / "selftest"
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(folder / f"{inst.name}-{inst.sequence}.json",
+                         json.dumps(report, indent=2).encode())
         level = logging.INFO if passed else logging.ERROR
         log.log(level, "self-test of %s %s %s: %s", inst.name, inst.sequence,
                 "passed" if passed else "FAILED",
                 "; ".join(f"{r['model']}: {r['detail']}" for r in results) or "no checks")
-        return passed
+        failed: dict[str, str] = {}
+        for entry in results:
+            if not entry["passed"]:
+                failed.setdefault(entry["model"], entry["detail"])
+        return failed
 
     def _memory_needed(self, inst: Installed) -> int:
         total = 0
