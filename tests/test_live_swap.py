@@ -5,7 +5,6 @@ never served, is marked bad, and the device falls back by itself."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import time
@@ -16,10 +15,8 @@ from typing import Any
 import openai
 import pytest
 from conftest import Server, run_tool, start_server
+from rebundle import failing_copy
 
-from appliance.bundle import keys, signing
-from appliance.bundle import manifest as mf
-from appliance.bundle.tarformat import TarWriter
 from appliance.device.layout import Layout
 from appliance.device.store import Store
 
@@ -48,28 +45,6 @@ def settle(root: Path) -> str:
     done = run_tool("ctl", root, "bundle", "settle")
     assert done.returncode == 0, done.stderr
     return done.stdout
-
-
-def failing_copy(root: Path, keys_dir: Path, sequence: int, out: Path) -> Path:
-    """The active sequence re-signed as `sequence`, its chat check asking for a word the model
-    never says: valid in every way the device can verify before running it."""
-    store = Store(Layout(root))
-    inst = store.load("demo", store.active("demo") or 0)
-    models = tuple(dataclasses.replace(m, checks=(dataclasses.replace(
-        m.checks[0], contains=("Zanzibar",)),)) if m.task is mf.Task.CHAT else m
-        for m in inst.manifest.models)
-    manifest = dataclasses.replace(inst.manifest, sequence=sequence, models=models).to_toml()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"demo-{sequence}.bundle"
-    with path.open("wb") as f:
-        tar = TarWriter(f, 1_700_000_000)
-        tar.add_bytes("manifest.toml", manifest)
-        tar.add_bytes("manifest.sig", signing.sign(manifest, [keys.load_private(
-            keys_dir / "k.key")]))
-        for entry in inst.manifest.files:
-            tar.add_bytes(entry.path, inst.file(entry.path).read_bytes())
-        tar.close()
-    return path
 
 
 class Traffic:
@@ -180,7 +155,7 @@ def test_new_sequence_goes_live_without_a_failed_request(server: Server,
 
 def test_sequence_failing_its_self_test_is_never_served(server: Server, tmp_path: Path,
                                                         demo_bundles: tuple[Path, Path]) -> None:
-    bad = failing_copy(server.root, demo_bundles[0], 3, tmp_path)
+    bad = failing_copy(server.root, demo_bundles[0] / "k.key", 3, tmp_path)
     with Traffic(server) as traffic:
         imported = run_tool("ctl", server.root, "bundle", "import", str(bad))
         assert imported.returncode == 0, imported.stderr

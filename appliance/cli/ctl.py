@@ -308,11 +308,15 @@ def _usb_import(args: argparse.Namespace, layout: Layout) -> int:
         results = actions.import_device(layout, args.device)
     else:
         raise UsageError("give a block device or --dir")
+    stick = args.device.name if args.device is not None else str(args.dir)
     for r in results:
         if r.imported is not None:
-            print(f"{r.file}: imported {r.imported.name} sequence {r.imported.sequence}")
+            print(f"stick {stick}: {r.file}: imported {r.imported.name} sequence "
+                  f"{r.imported.sequence}, on trial", flush=True)
         else:
-            print(f"{r.file}: rejected: {r.error}", file=sys.stderr)
+            print(f"stick {stick}: {r.file}: refused: {r.error}", file=sys.stderr, flush=True)
+    if not results:
+        print(f"stick {stick}: no *.bundle file", flush=True)
     return 1 if any(r.error for r in results) else 0
 
 
