@@ -243,3 +243,20 @@ def test_no_request_fails_during_a_swap(device: Device, monkeypatch: pytest.Monk
     assert failures == []
     assert {f.rsplit("-", 1)[-1] for f in seen if f} == {"1", "2", "3"}
     rt.close()
+
+
+def test_drains_first_when_both_do_not_fit(device: Device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Too little memory for old and new at once: the old engines are drained and closed
+    before the new ones load, and status says so."""
+    device.install(1, GOOD)
+    rt = device.runtime()
+    trial.settle(device.layout)
+    first = device.chats[0]
+    device.install(2, GOOD)
+    monkeypatch.setattr(hardware, "meminfo", lambda: (8192, 1))  # 1 MiB free
+    rt.sync()
+    assert first.closed and rt.serving == {"demo": 2}
+    assert rt.swap_note is not None and "drained sequence 1 before loading 2" in rt.swap_note
+    assert "drained sequence 1" in json.loads((device.layout.run / "runtime.json").read_text())[
+        "swap_note"]
+    rt.close()

@@ -248,6 +248,8 @@ def _status(args: argparse.Namespace, layout: Layout) -> int:
     print(f"runtime: {rt['version']} on {rt['listen']}, health {rt['health'].get('status')}; "
           f"cores {rt['lanes']['cores']} ({rt['lanes']['aux_lanes']} lent to "
           f"embeddings/transcription while they run)")
+    if rt.get("swap_note"):
+        print(f"  last switch: {rt['swap_note']}")
     for model_id, m in rt["models"].items():
         state = engines.get(model_id, "loaded" if m["loaded"] else f"not loaded: {m['error']}")
         print(f"  {model_id:28} {m['task']:14} {m['backend']}/{m['format']}/{m['quantization']}"
