@@ -65,5 +65,8 @@ def serve(layout: Layout, announce: Callable[[Settings, list[str]], None] | None
         header_timeout=cfg.header_timeout, idle_timeout=cfg.idle_timeout,
         max_header_bytes=cfg.max_header_kb * 1024)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5, timeout_keep_alive=5, http=guarded_protocol(limits),
+                # idle keep-alive connections are closed by the header timeout (10 s), longer
+                # than clients keep them (httpx: 5 s): a client never reuses one being closed
+                timeout_graceful_shutdown=5, timeout_keep_alive=cfg.header_timeout,
+                http=guarded_protocol(limits),
                 ws="none", server_header=False)  # an upgrade would leave the connection limits
