@@ -203,6 +203,13 @@ class Fields:
             raise self.fail(key, f"must be between {lo} and {hi}")
         return float(value)
 
+    def numbers(self, key: str, *, max_items: int) -> list[float]:
+        value = self._get(key, True)
+        if not isinstance(value, list) or len(value) > max_items or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            raise self.fail(key, f"must be a list of at most {max_items} numbers")
+        return [float(v) for v in value]
+
     def boolean(self, key: str, default: bool) -> bool:
         value = self._get(key, False)
         if value is None:

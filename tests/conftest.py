@@ -8,6 +8,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -20,6 +21,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from factory import Factory
 
 PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the test item, for fixtures that explain failures."""
+    outcome = yield
+    setattr(item, f"report_{call.when}", outcome.get_result())
 
 
 @pytest.fixture(autouse=True)

@@ -54,6 +54,7 @@ class FakeChat:
         self.max_queue = max_queue
         self.running = 0
         self.prompts: list[str] = []
+        self.closed = False
         self.stats: dict[str, Any] = {"requests": 0}
 
     @property
@@ -134,8 +135,11 @@ class FakeChat:
     def health(self) -> str:
         return "ok"
 
+    def idle(self) -> bool:
+        return self.running == 0
+
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 class FakeEmbed:
@@ -185,6 +189,9 @@ class FakeEmbed:
     def health(self) -> str:
         return "ok"
 
+    def idle(self) -> bool:
+        return self.queued == 0
+
     def close(self) -> None:
         self.hold.set()
 
@@ -226,6 +233,9 @@ class FakeWhisper:
     def health(self) -> str:
         return "ok"
 
+    def idle(self) -> bool:
+        return self.slots.taken == 0
+
     def close(self) -> None:
         self.gate.set()
 
@@ -241,6 +251,21 @@ def wav(seconds: float = 1.0) -> bytes:
         w.setframerate(16000)
         w.writeframes(samples.tobytes())
     return buf.getvalue()
+
+
+FILES = {"models/tiny/LICENSE.txt": b"license", "models/tiny/weights.gguf": b"GGUF",
+         "models/tiny/embed.onnx": b"onnx", "models/tiny/asr.bin": b"ct2",
+         "models/tiny/clip.wav": wav()}
+
+
+def bundle_doc(checks: dict[str, list[dict[str, Any]]] | None = None) -> Any:
+    """An edit_doc for the factory: one model of each task, with `checks` by model id."""
+    def edit(doc: dict[str, Any]) -> None:
+        _bundle_doc(doc)
+        for model in doc["models"]:
+            if checks and checks.get(model["id"]):
+                model["checks"] = checks[model["id"]]
+    return edit
 
 
 def _bundle_doc(doc: dict[str, Any]) -> None:
@@ -269,8 +294,7 @@ def fake_runtime(root: Path, fakes: Fakes, settings: Settings) -> Runtime:
     (layout.trust.path / f"{kid}.pub").write_bytes(keys.public_pem(key.public_key()))
     folder = root.parent / "fake-bundles"
     folder.mkdir(exist_ok=True)
-    files = {"models/tiny/LICENSE.txt": b"license", "models/tiny/weights.gguf": b"GGUF",
-             "models/tiny/embed.onnx": b"onnx", "models/tiny/asr.bin": b"ct2"}
+    files = {k: v for k, v in FILES.items() if k != "models/tiny/clip.wav"}
     import_bundle(Factory(folder, key).bundle(files=files, edit_doc=_bundle_doc), layout)
     probe = hardware.Probe(machine="x86_64", system="Linux", cpu_model="fake", logical_cores=2,
                            physical_cores=2, simd=("avx2",), memory_mb=8192, available_mb=8192)

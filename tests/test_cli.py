@@ -188,7 +188,7 @@ def test_usb_import_takes_only_regular_bundle_files(tmp_path: Path) -> None:
     result = run("ctl", root, "usb-import", "--dir", str(stick))
     assert result.returncode == 1
     assert "tiny-3.bundle: imported tiny sequence 3" in result.stdout
-    assert "broken.bundle: rejected" in result.stderr
+    assert "broken.bundle: refused" in result.stderr
     assert "link.bundle" not in result.stdout + result.stderr
     assert json.loads(run("ctl", root, "status", "--json").stdout)["bundles"][0]["active"] == 3
     events = [json.loads(line)["result"] for line in run("ctl", root, "audit", "show").stdout

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import time
@@ -22,8 +23,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import PROJECT, free_port
+from conftest import PROJECT, free_port, run_tool
+from rebundle import failing_copy
 
+from appliance.bundle import keys
 from appliance.image.build import gpt_partitions
 
 pytestmark = pytest.mark.image
@@ -48,11 +51,12 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, 
     vars_fd = work / "vars.fd"
     shutil.copy(variables, vars_fd)
     port = free_port()
-    serial, pcap = work / "serial.log", work / "net.pcap"
+    serial, pcap, qmp = work / "serial.log", work / "net.pcap", work / "qmp.sock"
     started = time.monotonic()
     qemu = subprocess.Popen([
         qemu_binary, "-machine", machine, "-accel", "tcg", "-cpu", "max", "-smp", "2",
         "-m", "3072", "-snapshot", "-no-reboot", "-display", "none", "-monitor", "none",
+        "-qmp", f"unix:{qmp},server=on,wait=off", "-device", "qemu-xhci,id=xhci",
         "-serial", f"file:{serial}",
         "-drive", f"if=pflash,format=raw,readonly=on,file={firmware}",
         "-drive", f"if=pflash,format=raw,file={vars_fd}",
@@ -76,6 +80,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, 
             raise AssertionError("not ready: " + serial.read_text(errors="replace")[-3000:])
         print(f"boot to ready: {time.monotonic() - started:.0f} s")
         key = (IMAGE.parent / f"{TARGET}.api-key").read_text().strip()
+        GUEST["qmp"] = qmp
         yield base, key, serial, pcap
     finally:
         qemu.terminate()
@@ -83,6 +88,25 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, 
             qemu.wait(timeout=30)
         except subprocess.TimeoutExpired:
             qemu.kill()
+
+
+GUEST: dict[str, Path] = {}
+OUR_UNITS = ("appliance", "stick ", "self-test", "demo ")
+
+
+@pytest.fixture(autouse=True)
+def _explain_failures(request: pytest.FixtureRequest,
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """When a boot test fails, print what the guest's units said: their warnings and errors
+    reach the serial console (journald forwards them) with their own console lines."""
+    yield
+    report = getattr(request.node, "report_call", None)
+    serial = next(iter(tmp_path_factory.getbasetemp().glob("boot*/serial.log")), None)
+    if report is not None and report.failed and serial is not None:
+        lines = serial.read_text(errors="replace").splitlines()
+        ours = [line for line in lines if any(u in line for u in OUR_UNITS)]
+        print("\n--- the guest's units said ---\n" + "\n".join(ours[-200:]))
+        print("--- last lines of the console ---\n" + "\n".join(lines[-60:]))
 
 
 def test_openai_client_against_the_guest(guest: tuple[str, str, Path, Path],
@@ -115,6 +139,131 @@ def test_status_on_the_console(guest: tuple[str, str, Path, Path]) -> None:
             break
         time.sleep(2)
     assert "bundle demo: active 1" in log and "health ok" in log, log[-3000:]
+
+
+def _qmp(commands: list[str]) -> None:
+    """Human monitor commands through qemu's QMP socket (attach a USB stick at run time)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(GUEST["qmp"]))
+        reader = sock.makefile("r")
+        reader.readline()  # greeting
+        for message in [{"execute": "qmp_capabilities"}] + [
+                {"execute": "human-monitor-command", "arguments": {"command-line": c}}
+                for c in commands]:
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            while True:
+                reply = json.loads(reader.readline())
+                if "event" not in reply:
+                    break
+            assert "error" not in reply and not str(reply.get("return", "")).strip(), reply
+
+
+def _stick(bundle: Path, work: Path, name: str) -> Path:
+    """A FAT file system image holding one bundle, as a stick formatted without partitions."""
+    image = work / f"{name}.img"
+    size_kib = bundle.stat().st_size // 1024 + 32 * 1024
+    subprocess.run(["mkfs.vfat", "-C", "-n", name.upper()[:11], str(image), str(size_kib)],
+                   check=True, capture_output=True)
+    subprocess.run(["mcopy", "-i", str(image), str(bundle), "::/"], check=True)
+    return image
+
+
+def _plug(image: Path, name: str) -> None:
+    _qmp([f"drive_add 0 if=none,id={name},file={image},format=raw,readonly=on",
+          f"device_add usb-storage,bus=xhci.0,drive={name},id={name}dev"])
+
+
+class _Load:
+    """A client that keeps asking while a stick is processed: failures and who answered."""
+
+    def __init__(self, base: str, key: str) -> None:
+        self.client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0,
+                                    timeout=600)
+        self.failures: list[str] = []
+        self.fingerprints: list[str] = []
+
+    def ask(self) -> str:
+        try:
+            r = self.client.chat.completions.create(
+                model="smollm2-135m-instruct", max_tokens=2,
+                messages=[{"role": "user", "content": "Hi"}])
+            self.client.embeddings.create(model="all-minilm-l6-v2", input="hello")
+            self.fingerprints.append(r.system_fingerprint or "")
+            return r.system_fingerprint or ""
+        except openai.APIError as exc:
+            self.failures.append(repr(exc))
+            return ""
+
+
+def _wait_serial(serial: Path, text: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = serial.read_text(errors="replace")
+        if text in log:
+            return log
+        time.sleep(3)
+    raise AssertionError(f"{text!r} never appeared on the console")
+
+
+@pytest.fixture(scope="module")
+def sticks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """demo-2 signed by the image's publisher key, and a validly signed demo-3 whose chat
+    self-test cannot pass."""
+    work = tmp_path_factory.mktemp("sticks")
+    key = IMAGE.parent / f"{TARGET}-signing.key"
+    built = run_tool("build", work, "bundle", str(PROJECT / "bundles/demo.toml"), "--key",
+                     str(key), "--out", str(work / "out"), "--cache",
+                     str(PROJECT / ".cache" / "bundle"), "--sequence", "2")
+    assert built.returncode == 0, built.stderr
+    scratch = work / "scratch"
+    pub = work / "k.pub"
+    pub.write_bytes(keys.public_pem(keys.load_private(key).public_key()))
+    assert run_tool("ctl", scratch, "keys", "add", str(pub)).returncode == 0
+    assert run_tool("ctl", scratch, "bundle", "import",
+                    str(work / "out/demo-2.bundle")).returncode == 0
+    bad = failing_copy(scratch, key, 3, work / "out")
+    return {"good": _stick(work / "out/demo-2.bundle", work, "good"),
+            "bad": _stick(bad, work, "bad")}
+
+
+def test_usb_stick_goes_live_without_a_reboot(guest: tuple[str, str, Path, Path],
+                                              sticks: dict[str, Path]) -> None:
+    """udev, the import unit, the verified install, the swap and the self-test: the client
+    ends up answered by sequence 2 and keeps being answered throughout."""
+    base, key, serial, _ = guest
+    load = _Load(base, key)
+    load.ask()
+    plugged = time.monotonic()
+    _plug(sticks["good"], "good")
+    deadline = plugged + 1800
+    while not load.ask().endswith("-demo-2"):
+        assert time.monotonic() < deadline, "sequence 2 never answered"
+        time.sleep(2)
+    live = time.monotonic() - plugged
+    log = _wait_serial(serial, "demo 2: self-test passed", 600)
+    print(f"stick to sequence 2 answering under TCG: {live:.0f} s; "
+          f"{len(load.fingerprints)} answers, {len(load.failures)} failed")
+    assert "demo-2.bundle: imported demo sequence 2, on trial" in log
+    assert load.failures == []
+
+
+def test_usb_stick_failing_its_self_test_falls_back(guest: tuple[str, str, Path, Path],
+                                                    sticks: dict[str, Path]) -> None:
+    base, key, serial, _ = guest
+    load = _Load(base, key)
+    _plug(sticks["bad"], "bad")
+    deadline = time.monotonic() + 1800
+    while "demo 3: self-test FAILED" not in serial.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the trial of 3 never ended"
+        load.ask()
+        time.sleep(2)
+    log = serial.read_text(errors="replace")
+    assert "demo-3.bundle: imported demo sequence 3, on trial" in log
+    assert "Zanzibar" in log and "back to 2" in log
+    for _ in range(3):
+        assert load.ask().endswith("-demo-2")
+    assert load.failures == []
+    assert not any(f.endswith("-demo-3") for f in load.fingerprints)
 
 
 MDNS = ("224.0.0.251", "ff02::fb")

@@ -42,7 +42,7 @@ def test_cleanup_removes_leftovers(installed: Layout) -> None:
     (folder / ".trash-3").mkdir()
     removed = Store(installed).cleanup()
     assert {p.name for p in removed} == {".staging-9", ".trash-3"}
-    assert sorted(p.name for p in folder.iterdir()) == ["1", "current"]
+    assert sorted(p.name for p in folder.iterdir()) == ["1", "current", "trial"]
 
 
 def test_one_operation_at_a_time(installed: Layout, factory: Factory) -> None:

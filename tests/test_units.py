@@ -34,9 +34,12 @@ def _local_copy(unit: str, tmp_path: Path) -> Path:
                                            ("appliance-import@.service",
                                             "appliance-import@sdb1.service"),
                                            ("appliance-ssh-hostkey.service",
-                                            "appliance-ssh-hostkey.service")])
+                                            "appliance-ssh-hostkey.service"),
+                                           ("appliance-trial.service",
+                                            "appliance-trial.service"),
+                                           ("appliance-trial.path", "appliance-trial.path")])
 def test_verify(tmp_path: Path, unit: str, instance: str) -> None:
-    for other in SYSTEMD.glob("*.service"):  # units find their dependencies beside them
+    for other in [*SYSTEMD.glob("*.service"), *SYSTEMD.glob("*.path")]:  # found beside it
         _local_copy(other.name, tmp_path)
     if instance != unit:
         (tmp_path / instance).symlink_to(tmp_path / unit)

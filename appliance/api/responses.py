@@ -15,7 +15,9 @@ def new_id(prefix: str) -> str:
 
 
 def model_card(m: LoadedModel) -> dict[str, Any]:
-    return {"id": m.id, "object": "model", "created": m.created, "owned_by": m.bundle}
+    """OpenAI's fields, plus which bundle sequence answers for the model."""
+    return {"id": m.id, "object": "model", "created": m.created, "owned_by": m.bundle,
+            "bundle": m.bundle, "sequence": m.sequence}
 
 
 def usage(f: Finish) -> dict[str, int]:

@@ -23,6 +23,7 @@ MAX_FILES = 4096
 MAX_FILE_SIZE = 1 << 40  # 1 TiB: far above any edge model, far below what breaks arithmetic
 MAX_PATH = 255  # what a ustar header can carry (prefix + name)
 MAX_TEMPLATE = 64 * 1024
+MAX_CHECKS = 8
 
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -100,6 +101,30 @@ class Defaults:
 
 
 @dataclass(frozen=True)
+class Check:
+    """A self-test the device runs on the variant it chose before a sequence goes live. The
+    expected results were computed on the host when the bundle was built, so they are signed.
+
+    chat: `input` is a user message; the greedy answer (at most `max_tokens`) must contain each
+      of `contains` (case-insensitive). `expect` records the host's answer. A looser rule than
+      exact tokens, because CPU and GPU kernels may round a late token differently; a wrong or
+      corrupt model does not produce the words.
+    embeddings: `input` is a text; its vector's cosine to `vector` (the host's fp32 result) must
+      be at least `min_cosine`.
+    transcription: `input` is the payload path of a short clip; the word error rate of its
+      transcript against `expect` must be at most `max_wer`.
+    """
+
+    input: str
+    expect: str = ""
+    contains: tuple[str, ...] = ()
+    max_tokens: int = 0
+    vector: tuple[float, ...] = ()
+    min_cosine: float = 0.0
+    max_wer: float = 0.0
+
+
+@dataclass(frozen=True)
 class Model:
     id: str
     task: Task
@@ -107,6 +132,7 @@ class Model:
     description: str
     defaults: Defaults
     variants: tuple[Variant, ...]
+    checks: tuple[Check, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,6 +193,25 @@ def _model_dict(m: Model) -> dict[str, Any]:
         }
         for v in m.variants
     ]
+    if m.checks:
+        out["checks"] = [_check_dict(c) for c in m.checks]
+    return out
+
+
+def _check_dict(c: Check) -> dict[str, Any]:
+    out: dict[str, Any] = {"input": c.input}
+    if c.expect:
+        out["expect"] = c.expect
+    if c.contains:
+        out["contains"] = list(c.contains)
+    if c.max_tokens:
+        out["max_tokens"] = c.max_tokens
+    if c.vector:
+        out["vector"] = list(c.vector)
+    if c.min_cosine:
+        out["min_cosine"] = c.min_cosine
+    if c.max_wer:
+        out["max_wer"] = c.max_wer
     return out
 
 
@@ -208,10 +253,34 @@ def _parse_model(m: Fields) -> Model:
     d = m.table("defaults", required=False)
     defaults = parse_defaults(d) if d is not None else Defaults()
     variants = tuple(_parse_variant(v) for v in m.tables("variants", max_items=16))
+    checks = tuple(_parse_check(c, task) for c in m.tables("checks", required=False,
+                                                         max_items=MAX_CHECKS))
     m.done()
     if not variants:
         raise FormatError(f"model {model_id} has no variants")
-    return Model(model_id, task, license_path, description, defaults, variants)
+    return Model(model_id, task, license_path, description, defaults, variants, checks)
+
+
+def _parse_check(c: Fields, task: Task) -> Check:
+    if task is Task.CHAT:
+        check = Check(input=c.req_string("input"), expect=c.string("expect", required=False,
+                                                                    default="") or "",
+                      contains=tuple(c.strings("contains", max_items=16)),
+                      max_tokens=c.req_integer("max_tokens", lo=1, hi=512))
+        if not check.contains or not all(check.contains):
+            raise c.fail("contains", "must list at least one non-empty string")
+    elif task is Task.EMBEDDINGS:
+        check = Check(input=c.req_string("input"),
+                      vector=tuple(c.numbers("vector", max_items=1 << 13)),
+                      min_cosine=c.number("min_cosine", lo=0.5, hi=1.0, default=0.98))
+        if not check.vector:
+            raise c.fail("vector", "must not be empty")
+    else:
+        check = Check(input=check_path(c.req_string("input", max_len=MAX_PATH)),
+                      expect=c.req_string("expect"),
+                      max_wer=c.number("max_wer", lo=0.0, hi=1.0, default=0.3))
+    c.done()
+    return check
 
 
 def parse_defaults(d: Fields) -> Defaults:
@@ -257,6 +326,8 @@ def _cross_check(m: Manifest, origin: str) -> None:
     referenced: set[str] = set()
     for model in m.models:
         wanted = [model.license]
+        if model.task is Task.TRANSCRIPTION:
+            wanted += [c.input for c in model.checks]  # the clips
         for v in model.variants:
             wanted += v.files
             if v.path not in v.files and not all(f.startswith(v.path + "/") for f in v.files):

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from appliance.cli.common import Progress, run
-from appliance.device import actions, apikeys, install
+from appliance.device import actions, apikeys, install, trial
 from appliance.device.layout import Layout
 from appliance.device.store import Store
-from appliance.errors import UsageError
+from appliance.errors import ApplianceError, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     act = bs.add_parser("activate", help="make an installed sequence the active one")
     act.add_argument("name")
     act.add_argument("sequence", type=int)
-    bs.add_parser("rollback", help="activate the previous installed sequence").add_argument("name")
+    act.add_argument("--force", action="store_true",
+                     help="activate a sequence that failed its self-test (it goes on trial)")
+    bs.add_parser("rollback", help="activate the last good (or else the previous) sequence"
+                  ).add_argument("name")
+    bs.add_parser("settle", help="commit or fall back the trials whose self-test finished "
+                                 "(a systemd path unit runs this)")
     bs.add_parser("check", help="re-hash the active bundles' files on disk").add_argument(
         "name", nargs="?")
 
@@ -90,8 +95,15 @@ def _bundle(args: argparse.Namespace, layout: Layout) -> int:
             active = store.active(name)
             seqs = ", ".join(f"{s}{'*' if s == active else ''}" for s in store.sequences(name))
             print(f"{name}: {seqs or 'none'} (highest ever {store.highwater(name)})")
+    elif args.action == "settle":
+        for o in trial.settle(layout):
+            if o.passed:
+                print(f"{o.name} {o.sequence}: self-test passed; it is the last good sequence")
+            else:
+                then = f"back to {o.fallback}" if o.fallback else "nothing to fall back to"
+                print(f"{o.name} {o.sequence}: self-test FAILED ({o.summary}); {then}")
     elif args.action == "activate":
-        previous = actions.activate(layout, args.name, args.sequence)
+        previous = actions.activate(layout, args.name, args.sequence, args.force)
         print(f"{args.name}: sequence {args.sequence} active (was {previous})")
     else:
         seq, previous = actions.rollback(layout, args.name)
@@ -146,9 +158,14 @@ def status_report(layout: Layout) -> dict[str, Any]:
     bundles = []
     for name in store.names():
         active = store.active(name)
-        entry: dict[str, Any] = {"name": name, "active": active,
-                                 "installed": store.sequences(name),
-                                 "highwater": store.highwater(name), "models": []}
+        trial_seq = store.trial(name)
+        entry: dict[str, Any] = {
+            "name": name, "active": active, "trial": trial_seq if trial_seq == active else None,
+            "last_good": store.last_good(name), "bad": store.bad(name),
+            "installed": store.sequences(name), "highwater": store.highwater(name),
+            "models": [],
+            "self_tests": {str(s): r for s in store.sequences(name)
+                           if (r := _self_test(layout, name, s)) is not None}}
         if active is not None:
             m = store.load(name, active).manifest
             entry["created"] = m.created.isoformat()
@@ -158,9 +175,21 @@ def status_report(layout: Layout) -> dict[str, Any]:
                 for mod in m.models
             ]
         bundles.append(entry)
+    runtime = _runtime_report(layout)
+    for entry in bundles:  # what answers, and whether it is what the store says is active
+        serving = (runtime or {}).get("serving", {}).get(entry["name"])
+        entry["serving"] = serving
+        entry["mismatch"] = runtime is not None and serving != entry["active"]
     return {"root": str(layout.root), "bundles": bundles,
             "trust": {"keys": list(layout.trust.keys()), "threshold": layout.trust.threshold()},
-            "runtime": _runtime_report(layout)}
+            "runtime": runtime}
+
+
+def _self_test(layout: Layout, name: str, sequence: int) -> dict[str, Any] | None:
+    try:
+        return trial.read_result(layout, name, sequence)
+    except ApplianceError as exc:
+        return {"passed": False, "checks": [], "error": exc.message}
 
 
 def _runtime_report(layout: Layout) -> dict[str, Any] | None:
@@ -192,8 +221,19 @@ def _status(args: argparse.Namespace, layout: Layout) -> int:
     if not report["bundles"]:
         print("bundles: none installed")
     for b in report["bundles"]:
-        print(f"bundle {b['name']}: active {b['active']}, installed {b['installed']}, "
+        state = ("on trial" if b["trial"] else "good" if b["active"] == b["last_good"]
+                 else "not self-tested")
+        print(f"bundle {b['name']}: active {b['active']} ({state}), last good "
+              f"{b['last_good']}, bad {b['bad'] or 'none'}, installed {b['installed']}, "
               f"highest ever {b['highwater']}")
+        if b["mismatch"]:
+            print(f"  ! the service answers with sequence {b['serving']}, not {b['active']} "
+                  "(switching, or the self-test of the active one failed)")
+        for seq, r in sorted(b["self_tests"].items()):
+            verdict = "passed" if r.get("passed") else "FAILED"
+            print(f"  self-test of {seq}: {verdict}")
+            for c in r.get("checks", []):
+                print(f"    {c.get('model')}: {c.get('detail')} ({c.get('seconds', 0)} s)")
         for m in b["models"]:
             print(f"  {m['id']:32} {m['task']:14} {', '.join(m['variants'])}")
     keys = report["trust"]["keys"]
@@ -208,6 +248,8 @@ def _status(args: argparse.Namespace, layout: Layout) -> int:
     print(f"runtime: {rt['version']} on {rt['listen']}, health {rt['health'].get('status')}; "
           f"cores {rt['lanes']['cores']} ({rt['lanes']['aux_lanes']} lent to "
           f"embeddings/transcription while they run)")
+    if rt.get("swap_note"):
+        print(f"  last switch: {rt['swap_note']}")
     for model_id, m in rt["models"].items():
         state = engines.get(model_id, "loaded" if m["loaded"] else f"not loaded: {m['error']}")
         print(f"  {model_id:28} {m['task']:14} {m['backend']}/{m['format']}/{m['quantization']}"
@@ -268,11 +310,15 @@ def _usb_import(args: argparse.Namespace, layout: Layout) -> int:
         results = actions.import_device(layout, args.device)
     else:
         raise UsageError("give a block device or --dir")
+    stick = args.device.name if args.device is not None else str(args.dir)
     for r in results:
         if r.imported is not None:
-            print(f"{r.file}: imported {r.imported.name} sequence {r.imported.sequence}")
+            print(f"stick {stick}: {r.file}: imported {r.imported.name} sequence "
+                  f"{r.imported.sequence}, on trial", flush=True)
         else:
-            print(f"{r.file}: rejected: {r.error}", file=sys.stderr)
+            print(f"stick {stick}: {r.file}: refused: {r.error}", file=sys.stderr, flush=True)
+    if not results:
+        print(f"stick {stick}: no *.bundle file", flush=True)
     return 1 if any(r.error for r in results) else 0
 
 

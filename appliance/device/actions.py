@@ -11,30 +11,38 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.device import install
+from appliance.device import install, trial
 from appliance.device.layout import Layout
 from appliance.device.store import Installed, Store
-from appliance.errors import ApplianceError, StoreError
+from appliance.errors import ApplianceError, StoreError, UsageError
 
 
-def activate(layout: Layout, name: str, sequence: int) -> int | None:
-    """Make an installed sequence active; returns the one it replaced."""
-    return _switch(layout, "activate", name, sequence)
+def activate(layout: Layout, name: str, sequence: int, force: bool = False) -> int | None:
+    """Make an installed sequence active (on trial unless it is the last good one); returns
+    the one it replaced. A sequence that failed its self-test needs `force`."""
+    return _switch(layout, "activate", name, sequence, force)
 
 
 def rollback(layout: Layout, name: str) -> tuple[int, int | None]:
-    """Back to the sequence before the active one: (now active, was active)."""
-    target = Store(layout).rollback_target(name)
-    return target, _switch(layout, "rollback", name, target)
+    """Back to the last good sequence, or else the one before the active one: (now active,
+    was active)."""
+    store = Store(layout)
+    good, current = store.last_good(name), store.active(name)
+    target = good if good is not None and good != current else store.rollback_target(name)
+    return target, _switch(layout, "rollback", name, target, force=False)
 
 
-def _switch(layout: Layout, event: str, name: str, sequence: int) -> int | None:
+def _switch(layout: Layout, event: str, name: str, sequence: int, force: bool) -> int | None:
     store = Store(layout)
     with store.locked():
         store.cleanup()
+        if sequence in store.bad(name) and not force:
+            raise UsageError(f"bundle {name} sequence {sequence} failed its self-test",
+                             hint="activate it anyway with --force (it goes on trial again)")
+        on_trial = trial.begin(store, name, sequence)  # first: never live untested
         previous = store.activate(name, sequence)
         layout.audit.append(event, bundle=name, sequence=sequence, previous=previous,
-                            result="ok")
+                            trial=on_trial, forced=force, result="ok")
     return previous
 
 

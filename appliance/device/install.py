@@ -29,6 +29,7 @@ from typing import BinaryIO
 from appliance.bundle import manifest as mf
 from appliance.bundle import signing
 from appliance.bundle.tarformat import Member, TarReader
+from appliance.device import trial
 from appliance.device.layout import Layout
 from appliance.device.store import STAGING_PREFIX, Installed, Store
 from appliance.errors import ApplianceError, FormatError, IntegrityError, RollbackError, StoreError
@@ -191,7 +192,7 @@ def import_bundle(bundle: Path, layout: Layout, progress: Progress | None = None
             _audit_failure(layout, "import", bundle, exc)
             raise
         layout.audit.append("import", file=bundle.name, result="ok", bundle=installed.name,
-                            sequence=installed.sequence)
+                            sequence=installed.sequence, trial=True)
         store.prune(installed.name, keep)
         return installed
 
@@ -233,6 +234,8 @@ def _import_locked(bundle: Path, store: Store, progress: Progress | None) -> Ins
     checkpoint("renamed into place")
     store.raise_highwater(m.name, m.sequence)
     checkpoint("high-water raised")
+    trial.begin(store, m.name, m.sequence)  # before it is active: it never goes live untested
+    checkpoint("on trial")
     store.activate(m.name, m.sequence)
     checkpoint("activated")
     return store.load(m.name, m.sequence)

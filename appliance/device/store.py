@@ -102,6 +102,58 @@ class Store:
                 raise IntegrityError(f"{inst.name} {inst.sequence}: {entry.path!r} was altered",
                                      hint="import the bundle again from its source")
 
+    # --- the states of an activation (installed -> trial -> good, or -> bad) ---------------
+    # One small file each beside `current`, replaced atomically under the store lock:
+    # `trial` (the sequence whose self-test has not passed yet), `last-good` (the one to fall
+    # back to), `bad` (sequences that failed: never activated again without --force).
+
+    def trial(self, name: str) -> int | None:
+        return self._number(name, "trial")
+
+    def last_good(self, name: str) -> int | None:
+        return self._number(name, "last-good")
+
+    def bad(self, name: str) -> list[int]:
+        text = self._read_state(name, "bad")
+        try:
+            return sorted(int(x) for x in text.split())
+        except ValueError:
+            raise StoreError(f"the list of failed sequences of {name} is damaged") from None
+
+    def set_trial(self, name: str, sequence: int | None) -> None:
+        self._write_state(name, "trial", "" if sequence is None else str(sequence))
+
+    def set_last_good(self, name: str, sequence: int) -> None:
+        self._write_state(name, "last-good", str(sequence))
+
+    def mark_bad(self, name: str, sequence: int) -> None:
+        self.set_bad(name, [*self.bad(name), sequence])
+
+    def set_bad(self, name: str, sequences: list[int]) -> None:
+        self._write_state(name, "bad", " ".join(map(str, sorted(set(sequences)))))
+
+    def _number(self, name: str, what: str) -> int | None:
+        text = self._read_state(name, what).strip()
+        if not text:
+            return None
+        if not text.isdigit():
+            raise StoreError(f"the {what} mark of {name} is damaged")
+        return int(text)
+
+    def _read_state(self, name: str, what: str) -> str:
+        try:
+            return (self.layout.store / name / what).read_text()
+        except FileNotFoundError:
+            return ""
+
+    def _write_state(self, name: str, what: str, value: str) -> None:
+        path = self.layout.store / name / what
+        if not value:
+            path.unlink(missing_ok=True)
+            fsync_dir(path.parent)
+        else:
+            atomic_write(path, f"{value}\n".encode())
+
     def active_bundles(self) -> list[Installed]:
         out = []
         for name in self.names():
@@ -162,6 +214,7 @@ class Store:
         current = self.active(name)
         older = [s for s in self.sequences(name) if current is None or s < current]
         kept = set(older[max(0, len(older) - (keep - 1)):]) if keep > 1 else set()
+        kept.add(self.last_good(name) or 0)  # always keep what a failed trial falls back to
         doomed = [s for s in self.sequences(name) if s != current and s not in kept]
         for seq in doomed:
             self._discard(self.layout.store / name / str(seq))
@@ -180,7 +233,8 @@ class Store:
         for name in self.names():
             folder = self.layout.store / name
             for entry in folder.iterdir():
-                if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX, ".current.")):
+                if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX, ".current.", ".trial.",
+                                          ".last-good.", ".bad.")):
                     if entry.is_dir() and not entry.is_symlink():
                         shutil.rmtree(entry)
                     else:

@@ -22,6 +22,9 @@ class Engine(Protocol):
     def health(self) -> str:
         """ok, or dead / stuck: what a restart would cure."""
 
+    def idle(self) -> bool:
+        """No request running or waiting: the engine may be closed."""
+
     def close(self) -> None: ...
 
 

@@ -334,6 +334,9 @@ class ChatEngine:
     def active_count(self) -> int:
         return len(self._active)
 
+    def idle(self) -> bool:
+        return not self._active and not self._waiting
+
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stop
 

@@ -86,6 +86,7 @@ class EmbedEngine:
         self._jobs: list[_Job] = []
         self._cond = threading.Condition()
         self._stop = False
+        self._running = False
         self.stats = {"requests": 0, "inputs": 0, "tokens": 0, "batches": 0, "runs": 0}
         self._thread = threading.Thread(target=self._run, name="embed", daemon=True)
         self._thread.start()
@@ -152,6 +153,7 @@ class EmbedEngine:
             time.sleep(self.gather)  # let concurrent requests join this batch
             with self._cond:
                 jobs, self._jobs = self._jobs, []
+                self._running = True
             rows = [r for job in jobs for r in job.ids]
             try:
                 vectors = self.embed(rows)
@@ -159,6 +161,7 @@ class EmbedEngine:
                 log.exception("embedding batch failed")
                 for job in jobs:
                     job.future.set_exception(exc)
+                self._running = False
                 continue
             at = 0
             for job in jobs:
@@ -168,6 +171,10 @@ class EmbedEngine:
             self.stats["batches"] += 1
             self.stats["inputs"] += len(rows)
             self.stats["tokens"] += sum(len(r) for r in rows)
+            self._running = False
+
+    def idle(self) -> bool:
+        return not self._jobs and not self._running
 
     def health(self) -> str:
         return "ok" if self._thread.is_alive() and not self._stop else "dead"

@@ -124,6 +124,9 @@ class TranscribeEngine:
             found, _, _ = self.stream(audio, **kw)
             yield from found
 
+    def idle(self) -> bool:
+        return self.slots.taken == 0
+
     def health(self) -> str:
         return "ok"
 

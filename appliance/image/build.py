@@ -183,7 +183,8 @@ def install_units(ctx: Context) -> None:
     tree, units = ctx.tree, PROJECT / "systemd"
     system = tree / "etc/systemd/system"
     for unit in ("appliance.service", "appliance-import@.service",
-                 "appliance-console-status.service"):
+                 "appliance-console-status.service", "appliance-trial.service",
+                 "appliance-trial.path"):
         shutil.copy(units / unit, system / unit)
     if ctx.target.devices:
         dropin = system / "appliance.service.d"
@@ -193,6 +194,11 @@ def install_units(ctx: Context) -> None:
         (dropin / "gpu.conf").write_text(
             f"[Service]\nPrivateDevices=no\nSupplementaryGroups=video\n{allow}\n")
     shutil.copy(units / "90-appliance-usb.rules", tree / "etc/udev/rules.d/")
+    # warnings and errors reach the console: no shell on the box, and the boot test reads it
+    journald = tree / "etc/systemd/journald.conf.d"
+    journald.mkdir(parents=True, exist_ok=True)
+    (journald / "console.conf").write_text(
+        "[Journal]\nForwardToConsole=yes\nMaxLevelConsole=warning\n")
     shutil.copy(units / "appliance.sysusers", tree / "usr/lib/sysusers.d/appliance.conf")
     shutil.copy(units / "appliance.tmpfiles", tree / "usr/lib/tmpfiles.d/appliance.conf")
     # the root file system is read-only: users exist before first boot
@@ -213,7 +219,7 @@ def install_units(ctx: Context) -> None:
             "tmpfs /var/log tmpfs nosuid,nodev,mode=0755 0 0\n"
             "tmpfs /var/lib/systemd tmpfs nosuid,nodev,mode=0755 0 0\n")
     run(ctx, "systemctl", f"--root={tree}", "enable", "appliance.service",
-        "appliance-console-status.service", "systemd-networkd.service")
+        "appliance-console-status.service", "appliance-trial.path", "systemd-networkd.service")
     run(ctx, "systemctl", f"--root={tree}", "mask", "systemd-firstboot.service",
         "systemd-networkd-wait-online.service")
     run(ctx, "chroot", tree, "passwd", "--lock", "root")

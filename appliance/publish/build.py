@@ -18,7 +18,7 @@ from appliance.bundle import manifest as mf
 from appliance.bundle import signing
 from appliance.bundle.tarformat import TarWriter
 from appliance.errors import FormatError, StoreError
-from appliance.publish import convert
+from appliance.publish import convert, goldens
 from appliance.publish import recipe as rc
 from appliance.publish.fetch import Resolver, sha256_file
 
@@ -47,6 +47,16 @@ class PayloadSet:
             raise FormatError(f"two different files would be stored as {path!r}")
         self.items[path] = Payload(path, source)
         return path
+
+    def host_path(self, path: str) -> Path:
+        """Where a payload file, or a folder of them, is on this host."""
+        if path in self.items:
+            return self.items[path].source
+        for name, item in self.items.items():
+            if name.startswith(path + "/"):
+                depth = name[len(path) + 1:].count("/") + 1
+                return item.source.parents[depth - 1]
+        raise FormatError(f"{path!r} is not in the bundle")
 
     def add_tree(self, prefix: str, folder: Path) -> list[str]:
         paths = []
@@ -123,8 +133,10 @@ def build(recipe_path: Path, keys: list[Ed25519PrivateKey], out_dir: Path, cache
         log(f"model {spec.id} ({spec.task.value})")
         license_path = _license(spec, resolver, payload)
         variants = _variants(spec, resolver, payload, cache, log)
+        checks = goldens.compute(spec, variants, payload.host_path, payload.add,
+                                 cache / "selftest", log)
         models.append(mf.Model(spec.id, spec.task, license_path, spec.description,
-                               spec.defaults, variants))
+                               spec.defaults, variants, checks))
     log(f"hash {len(payload.items)} payload files")
     files = tuple(
         mf.FileEntry(p.path, p.source.stat().st_size, sha256_file(p.source))

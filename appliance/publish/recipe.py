@@ -72,6 +72,23 @@ class VariantSpec:
 
 
 @dataclass(frozen=True)
+class CheckSpec:
+    """A self-test the recipe asks for; the builder computes its expected result.
+
+    chat: `prompt` (a user message) and `contains`, words the greedy answer must hold;
+    embeddings: `text` and `min_cosine`; transcription: `say`, spoken by espeak-ng into the
+    clip that travels in the bundle, and `max_wer`."""
+
+    prompt: str = ""
+    contains: tuple[str, ...] = ()
+    max_tokens: int = 32
+    text: str = ""
+    min_cosine: float = 0.98
+    say: str = ""
+    max_wer: float = 0.3
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     id: str
     task: mf.Task
@@ -81,6 +98,7 @@ class ModelSpec:
     convert: Convert
     defaults: mf.Defaults
     variants: tuple[VariantSpec, ...]
+    checks: tuple[CheckSpec, ...] = ()
 
     @property
     def folder(self) -> str:
@@ -169,11 +187,31 @@ def _model(m: Fields) -> ModelSpec:
             memory_mb=v.integer("memory_mb", required=False, lo=1, hi=1 << 24),
         ))
         v.done()
+    checks = tuple(_check(c, task) for c in m.tables("checks", required=False,
+                                                     max_items=mf.MAX_CHECKS))
     m.done()
     if not variants:
         raise FormatError(f"model {model_id} needs at least one [[models.variants]]")
     return ModelSpec(model_id, task, description, license_ref, weights, convert, defaults,
-                     tuple(variants))
+                     tuple(variants), checks)
+
+
+def _check(c: Fields, task: mf.Task) -> CheckSpec:
+    if task is mf.Task.CHAT:
+        spec = CheckSpec(prompt=c.req_string("prompt"),
+                         contains=tuple(c.strings("contains", max_items=16)),
+                         max_tokens=c.integer("max_tokens", required=False, lo=1, hi=512,
+                                              default=32) or 32)
+        if not spec.contains or not all(spec.contains):
+            raise c.fail("contains", "must list at least one non-empty string")
+    elif task is mf.Task.EMBEDDINGS:
+        spec = CheckSpec(text=c.req_string("text"),
+                         min_cosine=c.number("min_cosine", lo=0.5, hi=1.0, default=0.98))
+    else:
+        spec = CheckSpec(say=c.req_string("say", max_len=500),
+                         max_wer=c.number("max_wer", lo=0.0, hi=1.0, default=0.3))
+    c.done()
+    return spec
 
 
 def _weights(m: Fields) -> Weights:

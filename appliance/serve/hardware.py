@@ -68,7 +68,8 @@ class Probe:
         return cls(gpus=gpus, **fields)
 
 
-def _meminfo() -> tuple[int, int]:
+def meminfo() -> tuple[int, int]:
+    """(total, available) MiB."""
     try:
         info = {}
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -138,7 +139,7 @@ def _ct2_cuda() -> int:
 
 def probe() -> Probe:
     notes: list[str] = []
-    total, available = _meminfo()
+    total, available = meminfo()
     cpu_model, simd = _cpu()
     gpus = _nvidia_gpus(notes)
     jetson = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,12 +21,13 @@ from appliance.bundle import manifest as mf
 from appliance.device.layout import Layout
 from appliance.device.store import Installed, Store
 from appliance.engines.base import ChatBackend, EmbedBackend, Engine, TranscribeBackend
-from appliance.errors import ApplianceError, ModelNotFound, ModelUnavailable
+from appliance.errors import ApplianceError, Busy, ModelNotFound, ModelUnavailable
 from appliance.fsutil import atomic_write
 from appliance.serve import hardware
 from appliance.serve.settings import Settings
 
 log = logging.getLogger(__name__)
+RETIRE_GRACE = 10.0  # seconds a replaced engine stays up at least (see Runtime._retire)
 E = TypeVar("E", bound=Engine)
 # How a model of each task becomes an engine; tests give fakes here (tests/fakes.py).
 Loader = Callable[["Runtime", Installed, "LoadedModel"], Engine]
@@ -97,7 +99,15 @@ class Runtime:
             mf.Task.CHAT: Runtime._load_chat, mf.Task.EMBEDDINGS: Runtime._load_embed,
             mf.Task.TRANSCRIPTION: Runtime._load_whisper}
         self.models: dict[str, LoadedModel] = {}
+        self.serving: dict[str, int] = {}  # bundle -> the sequence whose models answer
+        self.swap_note: str | None = None
         self.started = time.time()
+        self._crashed: set[str] = set()
+        self._refused: set[tuple[str, int | None]] = set()  # failed trials: not tried again
+        self._retiring: list[tuple[float, list[LoadedModel]]] = []
+        self._switching: set[str] = set()  # model ids being drained before their successor
+        self._swap_lock = threading.Lock()
+        self._stop = threading.Event()
         from appliance.engines.lanes import CoreLanes
         self.lanes = CoreLanes(settings.threads or self.probe.physical_cores, settings.aux_cores)
 
@@ -105,26 +115,198 @@ class Runtime:
         """Load every model of every active bundle. A model that fails to load, for whatever
         reason, is reported (status, /healthz) and the others are served. One that took the
         whole process down while loading (a crash inside a native library) is skipped on the
-        next start, as recorded in /run, instead of crashing every start after it."""
+        next start, as recorded in /run, instead of crashing every start after it. A sequence
+        on trial is self-tested first (`_bring_up`)."""
         # read-only: the service never changes the store (imports do, as root)
-        crashed = self._crashed_loads()
+        self._crashed = self._crashed_loads()
         for inst in Store(self.layout).active_bundles():
-            for model in inst.manifest.models:
-                if model.id in self.models:
-                    log.warning("model %s of bundle %s hides another bundle's", model.id, inst.name)
-                    continue
-                tag = f"{inst.name}-{inst.sequence}/{model.id}"
-                if tag in crashed:
-                    self.models[model.id] = self._failed(
-                        inst, model, "the service stopped while loading this model before (a "
-                        "crash in its runtime); skipped until the bundle changes or a reboot")
-                    continue
-                atomic_write(self._loading_path, tag.encode())
-                try:
-                    self.models[model.id] = self._load_model(inst, model)
-                finally:  # a crash skips this; an orderly stop (SIGTERM, Ctrl-C) does not
-                    self._loading_path.unlink(missing_ok=True)
+            self._serve_sequence(inst)
         self._write_status()
+
+    def follow(self, interval: float = 1.0) -> threading.Thread:
+        """Follow the store from now on: when a bundle's active sequence changes (an import,
+        activate, rollback, or a failed trial falling back), load the new sequence beside the
+        old one, self-test it if it is on trial, switch new requests over in one step, and
+        close the old engines once the requests they were serving are done."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.sync()
+                except Exception:  # the next round tries again; serving goes on
+                    log.exception("following the store failed")
+
+        thread = threading.Thread(target=loop, name="follow-store", daemon=True)
+        thread.start()
+        return thread
+
+    def sync(self) -> None:
+        """One round of `follow`: swap what changed in the store, retire what is idle."""
+        store = Store(self.layout)
+        with self._swap_lock:
+            names = set(store.names()) | set(self.serving)
+            for name in sorted(names):
+                want = store.active(name) if name in store.names() else None
+                if want == self.serving.get(name) or (name, want) in self._refused:
+                    continue
+                self._swap(store, name, want)
+            self._retire()
+
+    def _swap(self, store: Store, name: str, want: int | None) -> None:
+        self._refused = {r for r in self._refused if r[0] != name}
+        old = [m for m in self.models.values() if m.bundle == name]
+        if want is None:
+            log.info("bundle %s is no longer active", name)
+            self._replace(name, {}, None)
+            self._retiring.append((time.monotonic(), old))
+            self._write_status()
+            return
+        inst = store.load(name, want)
+        need = self._memory_needed(inst)
+        _, available = hardware.meminfo()
+        drain_first = bool(old) and need > available * self.settings.memory_fraction
+        if drain_first:
+            log.warning("bundle %s: %d MiB needed, %d MiB available: draining sequence %s "
+                        "before loading %s", name, need, available, self.serving.get(name), want)
+            self.swap_note = (f"{name}: drained sequence {self.serving.get(name)} before "
+                              f"loading {want} ({need} MiB needed, {available} MiB available)")
+            self._switching |= {m.id for m in old}
+            self._replace(name, {}, None)
+            self._drain(old)
+        log.info("bundle %s: loading sequence %s", name, want)
+        before = dict(self.models)
+        self._serve_sequence(inst)
+        if self.serving.get(name) == want:
+            if not drain_first:
+                self._retiring.append((time.monotonic(), old))
+            log.info("bundle %s: now serving sequence %s", name, want)
+        else:
+            self._refused.add((name, want))
+            if not drain_first:
+                self.models = before  # the old sequence keeps answering until the fallback
+        self._switching -= {m.id for m in old}
+        self._write_status()
+
+    def _serve_sequence(self, inst: Installed) -> None:
+        """Load a sequence's models and serve them all at once. A sequence on trial (or one
+        that failed a trial before) is self-tested first and the result published. A failed
+        trial with a last good sequence to fall back to serves nothing of this one (the old
+        one keeps answering until the fallback); without one, only the models that loaded and
+        passed answer, and the others are reported as failed: no model that failed its
+        check is ever served."""
+        loaded = {m.id: self._load_tracked(inst, m) for m in inst.manifest.models}
+        store = Store(self.layout)
+        on_trial = store.trial(inst.name) == inst.sequence
+        if on_trial or inst.sequence in store.bad(inst.name):
+            failed = self._self_test(inst, loaded, publish=on_trial)
+            if failed and on_trial and store.last_good(inst.name) is not None:
+                for m in loaded.values():
+                    _close(m)
+                return
+            for model_id, reason in failed.items():
+                m = loaded[model_id]
+                _close(m)
+                m.error = m.error or f"failed its self-test: {reason}"
+        self._replace(inst.name, loaded, inst.sequence)
+
+    def _replace(self, name: str, loaded: dict[str, LoadedModel], sequence: int | None) -> None:
+        models = {k: v for k, v in self.models.items() if v.bundle != name}
+        for model_id, m in loaded.items():
+            if model_id in models:
+                log.warning("model %s of bundle %s hides another bundle's", model_id, name)
+                continue
+            models[model_id] = m
+        self.models = models  # one assignment: a request sees the old set or the new one
+        if sequence is None:
+            self.serving.pop(name, None)
+        else:
+            self.serving[name] = sequence
+
+    def _load_tracked(self, inst: Installed, model: mf.Model) -> LoadedModel:
+        tag = f"{inst.name}-{inst.sequence}/{model.id}"
+        if tag in self._crashed:
+            return self._failed(inst, model, "the service stopped while loading this model "
+                                "before (a crash in its runtime); skipped until the bundle "
+                                "changes or a reboot")
+        atomic_write(self._loading_path, tag.encode())
+        try:
+            return self._load_model(inst, model)
+        finally:  # a crash skips this; an orderly stop (SIGTERM, Ctrl-C) does not
+            self._loading_path.unlink(missing_ok=True)
+
+    def _self_test(self, inst: Installed, loaded: dict[str, LoadedModel],
+                   publish: bool) -> dict[str, str]:
+        """Run the signed checks on the variants this device chose; write the result where
+        the privileged settle step reads it (the service never writes the store). Returns
+        the models that failed, with why."""
+        from appliance.engines import selftest
+        results: list[dict[str, Any]] = []
+        for model in inst.manifest.models:
+            m = loaded[model.id]
+            if m.engine is None:
+                results.append(selftest.CheckResult(model.id, False,
+                                                    f"failed to load: {m.error}").to_json())
+                continue
+            for r in selftest.run(model, m.engine, inst.path / "files"):
+                results.append({**r.to_json(), "variant": m.choice.to_json()["quantization"],
+                                "backend": m.choice.to_json()["backend"]})
+        passed = all(r["passed"] for r in results)
+        report = {"bundle": inst.name, "sequence": inst.sequence, "passed": passed,
+                  "checks": results, "finished": int(time.time())}
+        if publish:
+            folder = self.layout.run / "selftest"
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(folder / f"{inst.name}-{inst.sequence}.json",
+                         json.dumps(report, indent=2).encode())
+        level = logging.INFO if passed else logging.ERROR
+        log.log(level, "self-test of %s %s %s: %s", inst.name, inst.sequence,
+                "passed" if passed else "FAILED",
+                "; ".join(f"{r['model']}: {r['detail']}" for r in results) or "no checks")
+        failed: dict[str, str] = {}
+        for entry in results:
+            if not entry["passed"]:
+                failed.setdefault(entry["model"], entry["detail"])
+        return failed
+
+    def _memory_needed(self, inst: Installed) -> int:
+        total = 0
+        for model in inst.manifest.models:
+            try:
+                total += hardware.choose(self.probe, model, self.settings.prefer,
+                                         self.settings.memory_fraction, self.settings.threads,
+                                         dict(self.settings.quantization).get(model.id)
+                                         ).variant.memory_mb
+            except hardware.NoVariant:
+                continue
+        return total
+
+    def _drain(self, old: list[LoadedModel], timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while any(m.engine is not None and not m.engine.idle() for m in old):
+            if time.monotonic() > deadline:
+                log.warning("requests still running after %.0f s; closing anyway", timeout)
+                break
+            time.sleep(0.1)
+        for m in old:
+            _close(m)
+
+    def _retire(self) -> None:
+        """Close replaced engines once idle (after a grace period for requests that had just
+        looked their model up and not yet reached the engine)."""
+        keep = []
+        now = time.monotonic()
+        for since, models in self._retiring:
+            rest = []
+            for m in models:
+                if m.engine is None:
+                    continue
+                if now - since >= RETIRE_GRACE and m.engine.idle():
+                    _close(m)
+                else:
+                    rest.append(m)
+            if rest:
+                keep.append((since, rest))
+        self._retiring = keep
 
     @property
     def _loading_path(self) -> Path:
@@ -221,6 +403,9 @@ class Runtime:
 
     def get(self, model_id: str, task: mf.Task) -> LoadedModel:
         loaded = self.models.get(model_id)
+        if loaded is None and model_id in self._switching:
+            raise Busy(f"the model `{model_id}` is being replaced by a new version; retry "
+                       "shortly", retry_after=5)
         if loaded is not None and loaded.engine is None and loaded.task is task:
             raise ModelUnavailable(f"The model `{model_id}` failed to load on this appliance: "
                                    f"{loaded.error}", param="model")
@@ -272,6 +457,8 @@ class Runtime:
             "listen": f"{self.settings.host}:{self.settings.port}",
             "probe": self.probe.to_json(),
             "lanes": self.lanes.report(),
+            "serving": dict(self.serving),
+            "swap_note": self.swap_note,
             "models": {
                 m.id: {"task": m.task.value, "bundle": f"{m.bundle}-{m.sequence}",
                        "loaded": m.engine is not None, "error": m.error,
@@ -286,11 +473,25 @@ class Runtime:
         atomic_write(path, json.dumps(self.status(), indent=2).encode())
 
     def close(self) -> None:
-        for m in self.served():
-            _engine(m).close()
+        self._stop.set()
+        with self._swap_lock:
+            for m in self.served():
+                _close(m)
+            for _, models in self._retiring:
+                for m in models:
+                    _close(m)
         (self.layout.run / "runtime.json").unlink(missing_ok=True)
 
 
 def _engine(m: LoadedModel) -> Engine:
     assert m.engine is not None
     return m.engine
+
+
+def _close(m: LoadedModel) -> None:
+    if m.engine is not None:
+        try:
+            m.engine.close()
+        except Exception:  # closing must not stop closing the others
+            log.exception("closing %s", m.id)
+        m.engine = None

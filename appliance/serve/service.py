@@ -52,6 +52,7 @@ def serve(layout: Layout, announce: Callable[[Settings, list[str]], None] | None
         return not runtime.restart_would_help(), f"{report['status']}: {line}"
 
     notify.supervise(cfg.host, cfg.port, healthy)
+    runtime.follow()  # a new active sequence goes live by itself (self-tested if on trial)
     # The models are loaded: keep what exists now out of the collector's walks, and collect
     # young objects less often; a collection pauses the token path of every stream at once.
     gc.collect()
@@ -64,5 +65,8 @@ def serve(layout: Layout, announce: Callable[[Settings, list[str]], None] | None
         header_timeout=cfg.header_timeout, idle_timeout=cfg.idle_timeout,
         max_header_bytes=cfg.max_header_kb * 1024)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5, timeout_keep_alive=5, http=guarded_protocol(limits),
+                # idle keep-alive connections are closed by the header timeout (10 s), longer
+                # than clients keep them (httpx: 5 s): a client never reuses one being closed
+                timeout_graceful_shutdown=5, timeout_keep_alive=cfg.header_timeout,
+                http=guarded_protocol(limits),
                 ws="none", server_header=False)  # an upgrade would leave the connection limits
