@@ -91,7 +91,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, 
 
 
 GUEST: dict[str, Path] = {}
-OUR_UNITS = ("appliance", "stick ", "self-test", "demo ")
+OUR_UNITS = ("appliance-", "appliance.service", "stick ", "self-test", "demo ", "bundle ")
 
 
 @pytest.fixture(autouse=True)
@@ -144,6 +144,7 @@ def test_status_on_the_console(guest: tuple[str, str, Path, Path]) -> None:
 def _qmp(commands: list[str]) -> None:
     """Human monitor commands through qemu's QMP socket (attach a USB stick at run time)."""
     with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(60)
         sock.connect(str(GUEST["qmp"]))
         reader = sock.makefile("r")
         reader.readline()  # greeting
@@ -155,7 +156,9 @@ def _qmp(commands: list[str]) -> None:
                 reply = json.loads(reader.readline())
                 if "event" not in reply:
                     break
-            assert "error" not in reply and not str(reply.get("return", "")).strip(), reply
+            assert "error" not in reply, reply
+            # a monitor command answers with nothing or "OK" when it worked, else with why
+            assert str(reply.get("return", "")).strip() in ("", "{}", "OK"), reply
 
 
 def _stick(bundle: Path, work: Path, name: str) -> Path:

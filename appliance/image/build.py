@@ -194,11 +194,6 @@ def install_units(ctx: Context) -> None:
         (dropin / "gpu.conf").write_text(
             f"[Service]\nPrivateDevices=no\nSupplementaryGroups=video\n{allow}\n")
     shutil.copy(units / "90-appliance-usb.rules", tree / "etc/udev/rules.d/")
-    # warnings and errors reach the console: no shell on the box, and the boot test reads it
-    journald = tree / "etc/systemd/journald.conf.d"
-    journald.mkdir(parents=True, exist_ok=True)
-    (journald / "console.conf").write_text(
-        "[Journal]\nForwardToConsole=yes\nMaxLevelConsole=warning\n")
     shutil.copy(units / "appliance.sysusers", tree / "usr/lib/sysusers.d/appliance.conf")
     shutil.copy(units / "appliance.tmpfiles", tree / "usr/lib/tmpfiles.d/appliance.conf")
     # the root file system is read-only: users exist before first boot
