@@ -2,7 +2,11 @@
 (software emulation), its service
 becomes ready, the official OpenAI client gets models, a chat, an embedding and a transcription
 through a loopback port forward, the status appears on the serial console, and the guest opens
-no connection of its own (checked in a capture of its network traffic).
+no connection of its own (checked in a capture of its network traffic). Two USB sticks are then
+attached to the running guest (qemu usb-storage through QMP): one with demo-2, which goes live
+without a reboot behind its self-test, one with a validly signed demo-3 whose self-test fails,
+after which the device falls back to 2 by itself; the client is answered throughout. When a
+boot test fails it prints what the guest's units wrote on the console.
 
     make image-test [TARGET=arm64]        (builds the image first)
 """
