@@ -334,3 +334,5 @@ def test_models_health_metrics_and_guards(http: httpx.Client, sdk: openai.OpenAI
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "frobnicate"
     assert http.get("/v1/nowhere", headers={"Authorization": f"Bearer {KEY}"}).json()[
         "error"]["code"] == "not_found"
+    wrong_method = http.delete("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert wrong_method.status_code == 405 and "GET" in wrong_method.headers["allow"]

@@ -65,6 +65,7 @@ def install(app: FastAPI) -> None:
         error = NotFound(str(exc.detail)) if exc.status_code == 404 else RequestError(
             str(exc.detail))
         error.status = exc.status_code
+        error.headers.update(exc.headers or {})  # e.g. Allow on a 405
         return error_response(error)
 
     @app.exception_handler(Exception)

@@ -144,9 +144,9 @@ class Runtime:
         """One round of `follow`: swap what changed in the store, retire what is idle."""
         store = Store(self.layout)
         with self._swap_lock:
-            names = set(store.names()) | set(self.serving)
-            for name in sorted(names):
-                want = store.active(name) if name in store.names() else None
+            installed = set(store.names())  # one listing per round, not one per bundle
+            for name in sorted(installed | set(self.serving)):
+                want = store.active(name) if name in installed else None
                 if want == self.serving.get(name) or (name, want) in self._refused:
                     continue
                 self._swap(store, name, want)
@@ -174,16 +174,13 @@ class Runtime:
             self._replace(name, {}, None)
             self._drain(old)
         log.info("bundle %s: loading sequence %s", name, want)
-        before = dict(self.models)
-        self._serve_sequence(inst)
+        self._serve_sequence(inst)  # leaves self.models as it was when the trial fails
         if self.serving.get(name) == want:
             if not drain_first:
                 self._retiring.append((time.monotonic(), old))
             log.info("bundle %s: now serving sequence %s", name, want)
-        else:
+        else:  # the old sequence keeps answering until settle falls back
             self._refused.add((name, want))
-            if not drain_first:
-                self.models = before  # the old sequence keeps answering until the fallback
         self._switching -= {m.id for m in old}
         self._write_status()
 
