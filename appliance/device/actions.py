@@ -11,9 +11,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.device import install, trial
+from appliance.device import config, install, trial
 from appliance.device.layout import Layout
 from appliance.device.store import Installed, Store
+from appliance.device.trust import TrustStore
 from appliance.errors import ApplianceError, StoreError, UsageError
 
 
@@ -48,21 +49,24 @@ def _switch(layout: Layout, event: str, name: str, sequence: int, force: bool) -
 
 def trust_key(layout: Layout, pub_file: Path) -> str:
     with Store(layout).locked():
-        kid = layout.trust.add(pub_file)
+        with config.change(layout) as new:
+            kid = TrustStore(new / "trust").add(pub_file)
         layout.audit.append("key-add", keyid=kid, result="ok")
     return kid
 
 
 def distrust_key(layout: Layout, kid_prefix: str) -> str:
     with Store(layout).locked():
-        kid = layout.trust.remove(kid_prefix)
+        with config.change(layout) as new:
+            kid = TrustStore(new / "trust").remove(kid_prefix)
         layout.audit.append("key-remove", keyid=kid, result="ok")
     return kid
 
 
 def set_threshold(layout: Layout, value: int) -> None:
     with Store(layout).locked():
-        layout.trust.set_threshold(value)
+        with config.change(layout) as new:
+            TrustStore(new / "trust").set_threshold(value)
         layout.audit.append("key-threshold", threshold=value, result="ok")
 
 

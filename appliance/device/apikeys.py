@@ -1,21 +1,21 @@
 """API keys for LAN clients: only their sha256 is stored, one `name sha256hex` per line in
-`etc/appliance/api-keys`, readable by the service's group. Every change is audited here."""
+the live configuration's `api-keys`, readable by the service's group. Every change is audited
+here."""
 
 from __future__ import annotations
 
-import contextlib
-import grp
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 
+from appliance.device import config
 from appliance.device.layout import Layout
+from appliance.device.store import Store
 from appliance.errors import FormatError, UsageError
-from appliance.fsutil import atomic_write
 
 PREFIX = "sk-appliance-"
+FILE = "api-keys"
 
 
 def hash_key(key: str) -> str:
@@ -49,29 +49,27 @@ def read(path: Path) -> dict[str, str]:
 
 def create(layout: Layout, name: str) -> str:
     """Make a key named `name`, store its hash, and return the key (shown once)."""
-    keys = read(layout.api_keys)
-    if not name.isidentifier() or name in keys:
-        raise UsageError(f"key name {name!r} is taken or not a simple name")
     key = PREFIX + secrets.token_urlsafe(32)
-    keys[name] = hash_key(key)
-    _write(layout, keys)
+    with Store(layout).locked(), config.change(layout) as new:
+        keys = read(new / FILE)
+        if not name.isidentifier() or name in keys:
+            raise UsageError(f"key name {name!r} is taken or not a simple name")
+        keys[name] = hash_key(key)
+        write(new / FILE, keys)
     layout.audit.append("apikey-create", name=name, result="ok")
     return key
 
 
 def remove(layout: Layout, name: str) -> None:
-    keys = read(layout.api_keys)
-    if keys.pop(name, None) is None:
-        raise UsageError(f"no API key named {name!r}")
-    _write(layout, keys)
+    with Store(layout).locked(), config.change(layout) as new:
+        keys = read(new / FILE)
+        if keys.pop(name, None) is None:
+            raise UsageError(f"no API key named {name!r}")
+        write(new / FILE, keys)
     layout.audit.append("apikey-remove", name=name, result="ok")
 
 
-def _write(layout: Layout, keys: dict[str, str]) -> None:
-    path = layout.api_keys
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # readable by the service's group only: the service runs as `appliance`, not root
-    atomic_write(path, "".join(f"{n} {h}\n" for n, h in keys.items()).encode(), mode=0o640)
-    # no such group on a development machine: root-only is fine there
-    with contextlib.suppress(KeyError, PermissionError):
-        os.chown(path, -1, grp.getgrnam("appliance").gr_gid)
+def write(path: Path, keys: dict[str, str]) -> None:
+    """The file's whole content; its mode and group are set when the config goes live (the
+    service reads it as group `appliance`)."""
+    path.write_text("".join(f"{n} {h}\n" for n, h in keys.items()))
