@@ -271,6 +271,11 @@ class Fields:
             Fields(v, self._origin, f"{self._prefix}{key}[{i}].") for i, v in enumerate(value)
         )
 
+    def raw(self) -> dict[str, Any]:
+        """The whole table as it is, every key taken (its reader validates it elsewhere)."""
+        self._seen.update(self._table)
+        return dict(self._table)
+
     def done(self) -> None:
         unknown = sorted(set(self._table) - self._seen)
         if unknown:

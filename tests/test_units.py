@@ -37,7 +37,9 @@ def _local_copy(unit: str, tmp_path: Path) -> Path:
                                             "appliance-ssh-hostkey.service"),
                                            ("appliance-trial.service",
                                             "appliance-trial.service"),
-                                           ("appliance-trial.path", "appliance-trial.path")])
+                                           ("appliance-trial.path", "appliance-trial.path"),
+                                           ("appliance-init.service",
+                                            "appliance-init.service")])
 def test_verify(tmp_path: Path, unit: str, instance: str) -> None:
     for other in [*SYSTEMD.glob("*.service"), *SYSTEMD.glob("*.path")]:  # found beside it
         _local_copy(other.name, tmp_path)

@@ -224,6 +224,8 @@ def parse(data: bytes, origin: str = "manifest.toml") -> Manifest:
             f"{origin}: format {fmt} is not supported (this device reads {FORMAT_VERSION})",
             hint="update the appliance software first",
         )
+    if (doc.string("kind", required=False, max_len=16) or "model") != "model":
+        raise doc.fail("kind", "must be model: control documents are not installed as bundles")
     name = doc.req_string("name", pattern=NAME)
     sequence = doc.req_integer("sequence", lo=1)
     created = doc.timestamp("created")

@@ -41,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--llama-wheel", type=Path, default=None,
                     help="a llama-cpp-python wheel built elsewhere (e.g. on a Jetson), "
                     "installed instead of building one")
+    c = sub.add_parser("control", help="build and sign a control document from a spec")
+    c.add_argument("spec", type=Path, help="the document's TOML (see docs/control.md)")
+    c.add_argument("--key", type=Path, action="append", required=True,
+                   help="private signing key (repeat for several signatures)")
+    c.add_argument("--out", type=Path, required=True, help="folder for <name>-<sequence>.control")
+    c.add_argument("--days", type=int, default=30, help="days until it expires (default 30)")
+    r = sub.add_parser("receipts", help="verify the receipts of many devices; the fleet table")
+    r.add_argument("folder", type=Path, help="receipts copied from the sticks (searched deeply)")
+    r.add_argument("--fleet", type=Path, help="the devices expected: `device-id name` per line")
     cmp = sub.add_parser("image-compare", help="list what differs between two image builds")
     cmp.add_argument("a", type=Path)
     cmp.add_argument("b", type=Path)
@@ -63,16 +72,25 @@ def _main(args: argparse.Namespace) -> int:
         from appliance.image import build as image
         from appliance.image import target
         args.cache.mkdir(parents=True, exist_ok=True)
-        api_key = args.api_key_file.read_text().strip() if args.api_key_file else None
         folder = args.targets.resolve() if args.targets else target.TARGETS
         wheel = args.llama_wheel.resolve() if args.llama_wheel else None
         if wheel is not None and not wheel.is_file():
             raise UsageError(f"--llama-wheel {args.llama_wheel}: no such file")
         built = image.build(target.load(args.target, folder), args.out.resolve(),
-                            args.cache.resolve(), log, args.key, api_key, llama_wheel=wheel)
+                            args.cache.resolve(), log, args.key, args.api_keys, llama_wheel=wheel)
         print(f"{built} ({built.stat().st_size >> 20} MiB)")
         return 0
+    if args.command == "receipts":
+        from appliance.publish import fleet
+        found = fleet.scan(args.folder, fleet.read_fleet(args.fleet) if args.fleet else None)
+        print(fleet.table(found))
+        return 1 if found.invalid else 0
     signers = [keys.load_private(k) for k in args.key]
+    if args.command == "control":
+        from appliance.publish import control
+        path = control.build(args.spec, signers, args.out, args.days)
+        print(path)
+        return 0
     path = bundle.build(args.recipe, signers, args.out, args.cache, log, args.sequence)
     print(f"{path} ({path.stat().st_size >> 20} MiB)")
     return 0

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from appliance.cli.common import Progress, run
-from appliance.device import actions, apikeys, install, trial
+from appliance.device import actions, apikeys, control, identity, install, trial
+from appliance.device import stick as stick_mod
 from appliance.device.layout import Layout
 from appliance.device.store import Store
 from appliance.errors import ApplianceError, UsageError
@@ -59,9 +64,25 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="serve the active bundles' models (the systemd unit runs this)")
     sub.add_parser("probe", help="show the hardware the runtime sees")
 
-    usb = sub.add_parser("usb-import", help="import every *.bundle of a USB stick (udev runs it)")
-    usb.add_argument("device", type=Path, nargs="?", help="block device, mounted read-only")
+    usb = sub.add_parser("usb-import", help="apply a USB stick's control documents, import its "
+                         "bundles, write a receipt onto it (udev runs it)")
+    usb.add_argument("device", type=Path, nargs="?",
+                     help="block device, mounted nosuid, nodev, noexec")
     usb.add_argument("--dir", type=Path, help="an already mounted folder instead of a device")
+    usb.add_argument("--wait", type=float, default=0.0,
+                     help="seconds to wait for the new bundles' self-tests before the receipt")
+    usb.add_argument("--restart", action="store_true",
+                     help="restart the service when a control document changed its settings")
+
+    c = sub.add_parser("control", help="signed control documents")
+    cs = c.add_subparsers(dest="action", required=True)
+    cs.add_parser("verify", help="check a control document without applying it").add_argument(
+        "file", type=Path)
+    cs.add_parser("apply", help="verify and apply a control document").add_argument(
+        "file", type=Path)
+
+    sub.add_parser("init", help="first boot: the device's identity and TLS certificate, and its "
+                   "configuration copied from the image's seed (the image runs it)")
 
     ak = sub.add_parser("apikey", help="API keys for LAN clients (stored as hashes)")
     aks = ak.add_subparsers(dest="action", required=True)
@@ -180,7 +201,12 @@ def status_report(layout: Layout) -> dict[str, Any]:
         serving = (runtime or {}).get("serving", {}).get(entry["name"])
         entry["serving"] = serving
         entry["mismatch"] = runtime is not None and serving != entry["active"]
-    return {"root": str(layout.root), "bundles": bundles,
+    cert = layout.identity / "tls.crt"
+    device = {"id": identity.device_id(layout), "certificate_sha256": None}
+    if cert.exists():
+        from appliance.device import tlscert
+        device["certificate_sha256"] = tlscert.fingerprint(cert)
+    return {"root": str(layout.root), "device": device, "bundles": bundles,
             "trust": {"keys": list(layout.trust.keys()), "threshold": layout.trust.threshold()},
             "runtime": runtime}
 
@@ -218,6 +244,10 @@ def _status(args: argparse.Namespace, layout: Layout) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"state root: {report['root']}")
+    device = report["device"]
+    print(f"device: {device['id'] or 'no identity yet (appliance-ctl init)'}")
+    if device["certificate_sha256"]:
+        print(f"  certificate sha256 {device['certificate_sha256']}")
     if not report["bundles"]:
         print("bundles: none installed")
     for b in report["bundles"]:
@@ -304,28 +334,71 @@ def _apikey(args: argparse.Namespace, layout: Layout) -> int:
 
 
 def _usb_import(args: argparse.Namespace, layout: Layout) -> int:
-    if args.dir is not None:
-        results = actions.import_folder(layout, args.dir)
-    elif args.device is not None:
-        results = actions.import_device(layout, args.device)
-    else:
+    from appliance.serve.settings import check_document
+    if args.dir is None and args.device is None:
         raise UsageError("give a block device or --dir")
     stick = args.device.name if args.device is not None else str(args.dir)
-    for r in results:
-        if r.imported is not None:
-            print(f"stick {stick}: {r.file}: imported {r.imported.name} sequence "
-                  f"{r.imported.sequence}, on trial", flush=True)
-        else:
-            print(f"stick {stick}: {r.file}: refused: {r.error}", file=sys.stderr, flush=True)
-    if not results:
-        print(f"stick {stick}: no *.bundle file", flush=True)
-    return 1 if any(r.error for r in results) else 0
+
+    def say(line: str) -> None:
+        refused = ": refused: " in line
+        print(f"stick {stick}: {line}", file=sys.stderr if refused else sys.stdout, flush=True)
+
+    with (actions.mounted(args.device) if args.dir is None
+          else contextlib.nullcontext(args.dir)) as folder:
+        report = stick_mod.process(layout, folder, check_document, args.wait, say)
+    if not report.results:
+        print(f"stick {stick}: no *.control or *.bundle file", flush=True)
+    if report.receipt is not None:
+        print(f"stick {stick}: receipt {report.receipt} written; the stick can be removed",
+              flush=True)
+    else:
+        print(f"stick {stick}: no receipt: {report.receipt_error}", file=sys.stderr, flush=True)
+    if report.settings_changed and args.restart:
+        subprocess.run(["systemctl", "try-restart", "appliance.service"], check=False)
+    return 1 if any(r.result == "refused" for r in report.results) else 0
+
+
+def _control(args: argparse.Namespace, layout: Layout) -> int:
+    from appliance.serve.settings import check_document
+    if args.action == "verify":
+        c, *_ = control.read(args.file, layout)
+        print(f"ok: control {c.name} {c.sequence} for {c.target}, "
+              f"{len(c.actions)} action(s); this device has applied up to "
+              f"{control.mark(layout, c.name)}")
+        return 0
+    applied = control.apply_file(args.file, layout, identity.device_id(layout) or "",
+                                 check_document)
+    for line in applied.done:
+        print(line)
+    return 0
+
+
+def _init(args: argparse.Namespace, layout: Layout) -> int:
+    """Idempotent: run on every boot, it makes only what is missing."""
+    from appliance.device import config, tlscert
+    store = Store(layout)
+    with store.locked():
+        if not os.path.lexists(layout.config_link):
+            with config.change(layout):
+                pass  # the seed, copied as it is
+            print(f"configuration copied from {layout.seed}")
+        for line in control.resume(layout):
+            print(f"finished after a restart: {line}")
+    if identity.ensure(layout):
+        print("made the device identity")
+    host = socket.gethostname()
+    if tlscert.ensure(layout.identity, [host, f"{host}.local"]):
+        print("made the TLS certificate")
+    print(f"device {identity.device_id(layout)}")
+    print(f"certificate sha256 {tlscert.fingerprint(layout.identity / 'tls.crt')}")
+    return 0
 
 
 def _main(args: argparse.Namespace) -> int:
     layout = Layout.from_env(args.root)
     handler = {"bundle": _bundle, "keys": _keys, "audit": _audit, "status": _status,
-               "serve": _serve, "probe": _probe, "apikey": _apikey, "usb-import": _usb_import}
+               "serve": _serve, "probe": _probe, "apikey": _apikey, "usb-import": _usb_import,
+               "control": _control, "init": _init}
     return handler[args.command](args, layout)
 
 

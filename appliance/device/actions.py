@@ -1,6 +1,6 @@
 """What an owner does to the device: activate or roll back a bundle, change the trust store,
-import a USB stick. Each action takes the store lock and is audited here, whoever calls it
-(the CLI, the USB unit, and later signed control documents)."""
+mount a USB stick. Each action takes the store lock and is audited here, whoever calls it
+(the CLI and the USB unit; signed control documents are in `appliance.device.control`)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.device import config, install, trial
+from appliance.device import config, trial
 from appliance.device.layout import Layout
-from appliance.device.store import Installed, Store
+from appliance.device.store import Store
 from appliance.device.trust import TrustStore
-from appliance.errors import ApplianceError, StoreError, UsageError
+from appliance.errors import StoreError, UsageError
 
 
 def activate(layout: Layout, name: str, sequence: int, force: bool = False) -> int | None:
@@ -70,40 +69,12 @@ def set_threshold(layout: Layout, value: int) -> None:
         layout.audit.append("key-threshold", threshold=value, result="ok")
 
 
-@dataclass(frozen=True)
-class StickResult:
-    """One file of a stick: what was imported, or why it was refused."""
-
-    file: str
-    imported: Installed | None = None
-    error: str | None = None
-
-
-def import_folder(layout: Layout, folder: Path) -> list[StickResult]:
-    """Import the bundles at the top of a stick. Nothing on it is executed or followed: only
-    regular files named *.bundle, each verified before anything is installed (and each import,
-    accepted or refused, is audited by `install`)."""
-    results = []
-    for entry in sorted(folder.iterdir()):
-        if entry.suffix != ".bundle" or entry.is_symlink() or not entry.is_file():
-            continue
-        try:
-            results.append(StickResult(entry.name, install.import_bundle(entry, layout)))
-        except ApplianceError as exc:
-            results.append(StickResult(entry.name, error=exc.message))
-    return results
-
-
-def import_device(layout: Layout, device: Path) -> list[StickResult]:
-    """Mount a stick read-only (nosuid, nodev, noexec), import it, unmount."""
-    with mounted(device) as folder:
-        return import_folder(layout, folder)
-
-
 @contextmanager
 def mounted(device: Path) -> Iterator[Path]:
+    """Mount a stick nosuid, nodev, noexec. It is writable only for the receipt, which
+    `appliance.device.stick` writes into its one folder without following links."""
     with tempfile.TemporaryDirectory(prefix="appliance-usb-") as mnt:
-        done = subprocess.run(["mount", "-o", "ro,nosuid,nodev,noexec", str(device), mnt],
+        done = subprocess.run(["mount", "-o", "rw,nosuid,nodev,noexec,noatime", str(device), mnt],
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise StoreError(f"cannot mount {device}: {done.stderr.strip()}")

@@ -108,6 +108,10 @@ class AuditLog:
             })
         return n, prev
 
+    def head(self) -> tuple[int, str]:
+        """(entries, hash of the newest): what a receipt quotes to pin the history."""
+        return self._head()
+
     def _head(self) -> tuple[int, str]:
         try:
             n, digest = self.head_path.read_text().split()

@@ -71,14 +71,25 @@ class BundleReader:
             raise FormatError(f"bundle member {expected} expected, found {found}")
         return member
 
-    def authenticate(self, now: datetime | None = None) -> Verified:
-        """Steps 1-3: signatures over the raw bytes first, then parse; raises on any failure."""
+    def signed(self) -> tuple[bytes, bytes, list[str]]:
+        """Steps 1-2: the manifest's raw bytes, its signatures, and the trusted signers."""
         manifest_bytes = self._tar.read_small(self._next("manifest.toml"), mf.MAX_MANIFEST,
                                               "manifest.toml")
         sig_bytes = self._tar.read_small(self._next("manifest.sig"), signing.MAX_SIG_FILE,
                                          "manifest.sig")
         trust = self._layout.trust
         signers = signing.verify(manifest_bytes, sig_bytes, trust.keys(), trust.threshold())
+        return manifest_bytes, sig_bytes, signers
+
+    def end(self) -> None:
+        """A document without payload: nothing may follow its two members."""
+        extra = next(self._members, None)
+        if extra is not None:
+            raise FormatError(f"member {extra.name[:80]!r} follows a control document")
+
+    def authenticate(self, now: datetime | None = None) -> Verified:
+        """Steps 1-3: signatures over the raw bytes first, then parse; raises on any failure."""
+        manifest_bytes, sig_bytes, signers = self.signed()
         manifest = mf.parse(manifest_bytes)
         now = now or datetime.now(UTC)
         if manifest.expires is not None and manifest.expires <= now:
@@ -143,7 +154,7 @@ class BundleReader:
             raise IntegrityError(f"bundle lacks {len(missing)} listed file(s), e.g. {missing[0]!r}")
 
 
-def _open(path: Path) -> BinaryIO:
+def open_file(path: Path) -> BinaryIO:
     if not path.is_file():
         raise StoreError(f"{path} is not a regular file")
     try:
@@ -154,7 +165,7 @@ def _open(path: Path) -> BinaryIO:
 
 def verify_file(bundle: Path, layout: Layout, progress: Progress | None = None) -> Verified:
     """Check a bundle completely, as an import would, without installing it."""
-    with _open(bundle) as src:
+    with open_file(bundle) as src:
         reader = BundleReader(src, layout)
         verified = reader.authenticate()
         Store(layout).check_sequence(verified.manifest.name, verified.manifest.sequence)
@@ -199,7 +210,7 @@ def import_bundle(bundle: Path, layout: Layout, progress: Progress | None = None
 
 def _import_locked(bundle: Path, store: Store, progress: Progress | None) -> Installed:
     layout = store.layout
-    with _open(bundle) as src:
+    with open_file(bundle) as src:
         reader = BundleReader(src, layout)
         verified = reader.authenticate()
         m = verified.manifest

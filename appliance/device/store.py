@@ -180,6 +180,17 @@ class Store:
             self.layout.highwater_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.layout.highwater_dir / name, f"{sequence}\n".encode())
 
+    def reset_highwater(self, name: str, sequence: int) -> None:
+        """Lower the mark (a signed trust rotation's recovery from an absurd sequence); the
+        sequences above it must be gone first, as they count too."""
+        self.layout.highwater_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.layout.highwater_dir / name, f"{sequence}\n".encode())
+
+    def discard(self, name: str, sequence: int) -> None:
+        if sequence == self.active(name):
+            raise UsageError(f"bundle {name} sequence {sequence} is active")
+        self._discard(self.layout.store / name / str(sequence))
+
     def check_sequence(self, name: str, sequence: int) -> None:
         mark = self.highwater(name)
         if sequence <= mark:

@@ -41,28 +41,41 @@ class TrustStore:
         return found
 
     def threshold(self) -> int:
+        return self.policy()[0]
+
+    def version(self) -> int:
+        """Rises by one with each signed trust rotation (TUF's root version)."""
+        return self.policy()[1]
+
+    def policy(self) -> tuple[int, int]:
+        """(threshold, version) from policy.toml; (1, 1) without one."""
         if not self.policy_path.exists():
-            return 1
+            return 1, 1
         try:
             text = read_small(self.policy_path).decode()
         except UnicodeDecodeError as exc:
             raise StoreError(f"{self.policy_path} is not UTF-8") from exc
         policy = parse_toml(text, str(self.policy_path), StoreError, max_depth=1)
-        value = policy.get("threshold", 1)
-        if set(policy) - {"threshold"} or not isinstance(value, int) or isinstance(value, bool):
-            raise StoreError(f"{self.policy_path}: only `threshold = <integer>` is allowed")
-        if value < 1:
-            raise StoreError(f"{self.policy_path}: threshold must be at least 1")
-        return value
+        values = [policy.get("threshold", 1), policy.get("version", 1)]
+        if set(policy) - {"threshold", "version"} or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise StoreError(f"{self.policy_path}: only `threshold` and `version` integers "
+                             "are allowed")
+        if min(values) < 1:
+            raise StoreError(f"{self.policy_path}: threshold and version must be at least 1")
+        return values[0], values[1]
 
-    def set_threshold(self, value: int) -> None:
+    def set_threshold(self, value: int, version: int | None = None) -> None:
         if value < 1:
             raise UsageError("threshold must be at least 1")
+        version = self.version() if version is None else version
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.policy_path, f"threshold = {value}\n".encode())
+        atomic_write(self.policy_path, f"threshold = {value}\nversion = {version}\n".encode())
 
     def add(self, pub_file: Path) -> str:
-        key = load_public(pub_file)
+        return self.add_key(load_public(pub_file))
+
+    def add_key(self, key: Ed25519PublicKey) -> str:
         kid = key_id(key)
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path / f"{kid}.pub", public_pem(key))

@@ -14,7 +14,6 @@ import gzip
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import struct
 import subprocess
@@ -24,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from appliance.bundle import keys
-from appliance.device.apikeys import hash_key
+from appliance.device import apikeys
 from appliance.device.install import import_bundle
 from appliance.device.layout import Layout
 from appliance.errors import UsageError
@@ -134,6 +133,7 @@ def build_bundle(ctx: Context) -> None:
 
 # The initramfs is built once, after every package is in: the kernel's postinst and the
 # initramfs-tools trigger would each build it (five minutes apiece under qemu-user for arm64).
+LOCAL_PORT = 8080  # the loopback HTTP listener (console, on-device tools)
 INITRAMFS_OFF = ('chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs'
                  ' && printf "#!/bin/sh\\nexit 0\\n" > "$1/usr/sbin/update-initramfs"'
                  ' && chmod 755 "$1/usr/sbin/update-initramfs"')
@@ -184,7 +184,7 @@ def install_units(ctx: Context) -> None:
     system = tree / "etc/systemd/system"
     for unit in ("appliance.service", "appliance-import@.service",
                  "appliance-console-status.service", "appliance-trial.service",
-                 "appliance-trial.path"):
+                 "appliance-trial.path", "appliance-init.service"):
         shutil.copy(units / unit, system / unit)
     if ctx.target.devices:
         dropin = system / "appliance.service.d"
@@ -214,7 +214,8 @@ def install_units(ctx: Context) -> None:
             "tmpfs /var/log tmpfs nosuid,nodev,mode=0755 0 0\n"
             "tmpfs /var/lib/systemd tmpfs nosuid,nodev,mode=0755 0 0\n")
     run(ctx, "systemctl", f"--root={tree}", "enable", "appliance.service",
-        "appliance-console-status.service", "appliance-trial.path", "systemd-networkd.service")
+        "appliance-init.service", "appliance-console-status.service", "appliance-trial.path",
+        "systemd-networkd.service")
     run(ctx, "systemctl", f"--root={tree}", "mask", "systemd-firstboot.service",
         "systemd-networkd-wait-online.service")
     run(ctx, "chroot", tree, "passwd", "--lock", "root")
@@ -258,22 +259,27 @@ def install_ssh(ctx: Context) -> None:
 
 
 def install_config(ctx: Context) -> None:
-    """Trusted publisher key, service settings, and one API key for LAN clients."""
+    """The seed of the device's configuration: trusted publisher key, service settings, and
+    the API key hashes the owner gave (none: the first control document adds one). The image
+    holds no secret of its own: each device makes its identity and TLS key on first boot."""
     t, layout = ctx.target, Layout(ctx.tree)
     assert ctx.trust_pub is not None
     layout.trust.add(ctx.trust_pub)
     hosts = [t.hostname, f"{t.hostname}.local"]
+    # HTTPS on the LAN with the device's certificate; clear HTTP only on loopback (the console)
     layout.config.write_text(
-        f'[server]\nhost = "{t.listen}"\nport = {t.port}\nallowed_hosts = {json.dumps(hosts)}\n')
-    ctx.api_key = ctx.api_key or "sk-appliance-" + secrets.token_urlsafe(32)
+        f'[server]\nhost = "{t.listen}"\nport = {t.port}\nlocal_port = {LOCAL_PORT}\n'
+        f"allowed_hosts = {json.dumps(hosts)}\n")
     keyfile = ctx.tree / "etc/appliance/api-keys"
-    keyfile.write_text(f"image {hash_key(ctx.api_key)}\n")
+    if ctx.api_keys is None:
+        ctx.log("  no API key hashes given: the first control document must add a key")
+        return
+    keys = apikeys.read(ctx.api_keys)  # checked here: a typo must not ship
+    apikeys.write(keyfile, keys)
     gid = int(run(ctx, "chroot", ctx.tree, "getent", "group", "appliance").split(":")[2])
     os.chown(keyfile, 0, gid)
     keyfile.chmod(0o640)
-    secret = ctx.out / f"{t.name}.api-key"
-    secret.write_text(ctx.api_key + "\n")
-    secret.chmod(0o600)
+    ctx.log(f"  API keys: {', '.join(keys)} (hashes only)")
 
 
 def preload_bundle(ctx: Context) -> None:
@@ -470,7 +476,7 @@ STEPS = [check_host, build_bundle, install_base_tree, build_wheels, install_pyth
 
 
 def build(target: Target, out: Path, cache: Path, log: Log,
-          signing_key: Path | None = None, api_key: str | None = None,
+          signing_key: Path | None = None, api_keys: Path | None = None,
           llama_wheel: Path | None = None) -> Path:
     """Run every step for `target`; return the image (or rootfs tarball)."""
     if os.geteuid() != 0:
@@ -480,7 +486,7 @@ def build(target: Target, out: Path, cache: Path, log: Log,
             "not exercised, on a machine without that hardware")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"image-{target.name}-", dir=cache))
-    ctx = Context(target, out, work, cache, log, signing_key, api_key=api_key,
+    ctx = Context(target, out, work, cache, log, signing_key, api_keys=api_keys,
                   llama_wheel=llama_wheel)
     started = time.monotonic()
     try:

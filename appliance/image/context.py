@@ -42,7 +42,7 @@ class Context:
     epoch: int = field(default_factory=lambda: int(os.environ.get("SOURCE_DATE_EPOCH")
                                                    or time.time()))
     step: str = ""
-    api_key: str | None = None
+    api_keys: Path | None = None  # `name sha256hex` lines, hashes only
     bundle: Path | None = None
     trust_pub: Path | None = None
     inputs: dict[str, Any] = field(default_factory=dict)

@@ -149,6 +149,14 @@ def load(layout: Layout, env: dict[str, str] | None = None) -> Settings:
     return replace(s, api_key_hashes=tuple(apikeys.read(layout.api_keys).values()))
 
 
+def check_document(doc: dict[str, Any]) -> None:
+    """A settings document from a signed control document, before it may go live: the same
+    validator as the file, and the same refusal to expose the API without keys."""
+    s = validate(Fields(doc, "settings"))
+    if not s.auth and not s.loopback:
+        raise UsageError(f"auth = false is only allowed on a loopback address, not {s.host}")
+
+
 def _env_value(var: str, raw: str, kind: type) -> Any:
     if kind is bool:
         if raw not in ("0", "1", "true", "false"):
