@@ -1,28 +1,36 @@
 """Boot test: the built image (x86_64-cpu, or arm64 with IMAGE_TARGET=arm64) boots under qemu
-(software emulation), its service
-becomes ready, the official OpenAI client gets models, a chat, an embedding and a transcription
-through a loopback port forward, the status appears on the serial console, and the guest opens
-no connection of its own (checked in a capture of its network traffic). Two USB sticks are then
-attached to the running guest (qemu usb-storage through QMP): one with demo-2, which goes live
-without a reboot behind its self-test, one with a validly signed demo-3 whose self-test fails,
-after which the device falls back to 2 by itself; the client is answered throughout. When a
-boot test fails it prints what the guest's units wrote on the console.
+(software emulation) and makes its own identity and TLS certificate; the client pins the
+certificate whose fingerprint the console shows, the official OpenAI client gets models, a
+chat, an embedding and a transcription over HTTPS through a port forward (clear HTTP is not
+served there), the status appears on the serial console, and the guest opens no connection of
+its own (checked in a capture of its network traffic). USB sticks are then attached to the
+running guest (qemu usb-storage through QMP): one with demo-2, which goes live without a
+reboot behind its self-test, one with a validly signed demo-3 whose self-test fails, after
+which the device falls back to 2 by itself (the client is answered throughout); one with a
+control document that adds an API key and revokes the built-in one, and one with that
+document replayed beside a wrongly signed one. Each stick gets a signed receipt, verified
+here. When a boot test fails it prints what the guest's units wrote on the console.
 
     make image-test [TARGET=arm64]        (builds the image first)
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
+import re
+import secrets
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -30,7 +38,7 @@ import pytest
 from conftest import PROJECT, free_port, run_tool
 from rebundle import failing_copy
 
-from appliance.bundle import keys
+from appliance.bundle import keys, receipt
 from appliance.image.build import gpt_partitions
 
 pytestmark = pytest.mark.image
@@ -54,7 +62,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, 
     work = tmp_path_factory.mktemp("boot")
     vars_fd = work / "vars.fd"
     shutil.copy(variables, vars_fd)
-    port = free_port()
+    port, plain = free_port(), free_port()
     serial, pcap, qmp = work / "serial.log", work / "net.pcap", work / "qmp.sock"
     started = time.monotonic()
     qemu = subprocess.Popen([
@@ -66,25 +74,28 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, 
         "-drive", f"if=pflash,format=raw,file={vars_fd}",
         "-drive", f"file={IMAGE},format=raw,if=virtio",
         # restrict=on: the guest reaches nothing, only the forwarded port reaches it
-        "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:8080",
+        "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:8443,"
+                   f"hostfwd=tcp:127.0.0.1:{plain}-:8080",
         "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC.hex(':')}",
         "-object", f"filter-dump,id=d0,netdev=n0,file={pcap}",
     ])
-    base = f"http://127.0.0.1:{port}"
+    base = f"https://127.0.0.1:{port}"
+    GUEST["qmp"], GUEST["cert"] = qmp, work / "device.crt"
+    PORTS["plain"] = plain
     try:
         while time.monotonic() - started < READY_TIMEOUT:
             assert qemu.poll() is None, serial.read_text(errors="replace")[-3000:]
             try:
-                if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                if _pin(serial, port, work / "device.crt") and httpx.get(
+                        f"{base}/healthz", timeout=5, verify=_pinned()).status_code == 200:
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, OSError):
                 pass
             time.sleep(5)
         else:
             raise AssertionError("not ready: " + serial.read_text(errors="replace")[-3000:])
         print(f"boot to ready: {time.monotonic() - started:.0f} s")
         key = (IMAGE.parent / f"{TARGET}.api-key").read_text().strip()
-        GUEST["qmp"] = qmp
         yield base, key, serial, pcap
     finally:
         qemu.terminate()
@@ -95,6 +106,33 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, 
 
 
 GUEST: dict[str, Path] = {}
+PORTS: dict[str, int] = {}
+FINGERPRINT = re.compile(r"certificate sha256 ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})")
+
+
+def _pin(serial: Path, port: int, cert: Path) -> bool:
+    """What an owner does: take the certificate the device presents and keep it only if its
+    fingerprint is the one the console shows. Then every client verifies against it."""
+    if cert.exists():
+        return True
+    shown = FINGERPRINT.search(serial.read_text(errors="replace"))
+    if shown is None:
+        return False
+    pem = ssl.get_server_certificate(("127.0.0.1", port), timeout=10)  # unverified: compared
+    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
+    assert ":".join(re.findall("..", digest)) == shown.group(1), "the device shows another key"
+    cert.write_text(pem)
+    return True
+
+
+def _pinned() -> ssl.SSLContext:
+    # the certificate names 127.0.0.1 too, so the host name is checked as well
+    return ssl.create_default_context(cafile=str(GUEST["cert"]))
+
+
+def _client(base: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=600,
+                         http_client=httpx.Client(verify=_pinned(), timeout=600))
 OUR_UNITS = ("appliance-", "appliance.service", "stick ", "self-test", "demo ", "bundle ")
 
 
@@ -116,7 +154,7 @@ def _explain_failures(request: pytest.FixtureRequest,
 def test_openai_client_against_the_guest(guest: tuple[str, str, Path, Path],
                                          tmp_path: Path) -> None:
     base, key, _, _ = guest
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=600)
+    client = _client(base, key)
     ids = {m.id for m in client.models.list()}
     assert ids == {"smollm2-135m-instruct", "all-minilm-l6-v2", "whisper-tiny.en"}
     chat = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=4,
@@ -131,7 +169,14 @@ def test_openai_client_against_the_guest(guest: tuple[str, str, Path, Path],
         text = client.audio.transcriptions.create(model="whisper-tiny.en", file=f).text
     assert "sunny" in text.lower() and "breeze" in text.lower(), text
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+        _client(base, "wrong").models.list()
+    # without the pin the certificate is not trusted; clear HTTP is not served on the LAN
+    with pytest.raises(openai.APIConnectionError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0).models.list()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(base.replace("https:", "http:") + "/healthz", timeout=10)
+    with pytest.raises(httpx.HTTPError):  # the loopback listener is the guest's own
+        httpx.get(f"http://127.0.0.1:{PORTS['plain']}/healthz", timeout=10)
 
 
 def test_status_on_the_console(guest: tuple[str, str, Path, Path]) -> None:
@@ -143,6 +188,7 @@ def test_status_on_the_console(guest: tuple[str, str, Path, Path]) -> None:
             break
         time.sleep(2)
     assert "bundle demo: active 1" in log and "health ok" in log, log[-3000:]
+    assert re.search(r"device: [0-9a-f]{64}", log) and FINGERPRINT.search(log), log[-3000:]
 
 
 def _qmp(commands: list[str]) -> None:
@@ -165,27 +211,37 @@ def _qmp(commands: list[str]) -> None:
             assert str(reply.get("return", "")).strip() in ("", "{}", "OK"), reply
 
 
-def _stick(bundle: Path, work: Path, name: str) -> Path:
-    """A FAT file system image holding one bundle, as a stick formatted without partitions."""
+def _stick(files: list[Path], work: Path, name: str) -> Path:
+    """A FAT file system image holding some files, as a stick formatted without partitions."""
     image = work / f"{name}.img"
-    size_kib = bundle.stat().st_size // 1024 + 32 * 1024
+    size_kib = sum(f.stat().st_size for f in files) // 1024 + 32 * 1024
     subprocess.run(["mkfs.vfat", "-C", "-n", name.upper()[:11], str(image), str(size_kib)],
                    check=True, capture_output=True)
-    subprocess.run(["mcopy", "-i", str(image), str(bundle), "::/"], check=True)
+    for f in files:
+        subprocess.run(["mcopy", "-i", str(image), str(f), "::/"], check=True)
     return image
 
 
 def _plug(image: Path, name: str) -> None:
-    _qmp([f"drive_add 0 if=none,id={name},file={image},format=raw,readonly=on",
+    # writable (the receipt), and not behind -snapshot: the test reads the receipt back
+    _qmp([f"drive_add 0 if=none,id={name},file={image},format=raw,snapshot=off",
           f"device_add usb-storage,bus=xhci.0,drive={name},id={name}dev"])
+
+
+def _receipts(image: Path, into: Path) -> list[dict[str, Any]]:
+    """The receipts on a stick image, each verified (signature and device id)."""
+    into.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mcopy", "-s", "-n", "-i", str(image), f"::/{receipt.FOLDER}", str(into)],
+                   check=True, capture_output=True)
+    return [receipt.verify(p.read_bytes(), p.name).body
+            for p in sorted((into / receipt.FOLDER).glob("*.json"))]
 
 
 class _Load:
     """A client that keeps asking while a stick is processed: failures and who answered."""
 
     def __init__(self, base: str, key: str) -> None:
-        self.client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0,
-                                    timeout=600)
+        self.client = _client(base, key)
         self.failures: list[str] = []
         self.fingerprints: list[str] = []
 
@@ -229,8 +285,8 @@ def sticks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert run_tool("ctl", scratch, "bundle", "import",
                     str(work / "out/demo-2.bundle")).returncode == 0
     bad = failing_copy(scratch, key, 3, work / "out")
-    return {"good": _stick(work / "out/demo-2.bundle", work, "good"),
-            "bad": _stick(bad, work, "bad")}
+    return {"good": _stick([work / "out/demo-2.bundle"], work, "good"),
+            "bad": _stick([bad], work, "bad")}
 
 
 def test_usb_stick_goes_live_without_a_reboot(guest: tuple[str, str, Path, Path],
@@ -271,6 +327,81 @@ def test_usb_stick_failing_its_self_test_falls_back(guest: tuple[str, str, Path,
         assert load.ask().endswith("-demo-2")
     assert load.failures == []
     assert not any(f.endswith("-demo-3") for f in load.fingerprints)
+
+
+@pytest.fixture(scope="module")
+def control_sticks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
+    """A control document signed by the image's publisher key that adds the key "field" and
+    revokes the built-in "owner"; on a second stick, the same document again (a replay) and
+    a document with a higher sequence signed by a key the device does not trust."""
+    work = tmp_path_factory.mktemp("control")
+    new_key = "sk-appliance-" + secrets.token_urlsafe(32)
+    spec = work / "fleet.toml"
+    for sequence, signer in ((1, IMAGE.parent / f"{TARGET}-signing.key"),
+                             (2, work / "stranger.key")):
+        if sequence == 2:
+            assert run_tool("build", work, "keygen", "--out", str(work / "stranger")
+                            ).returncode == 0
+        spec.write_text(f'name = "fleet"\nsequence = {sequence}\n'
+                        f'[[actions]]\naction = "apikey-add"\nname = "field{sequence}"\n'
+                        f'key = "{new_key}"\n'
+                        '[[actions]]\naction = "apikey-revoke"\nname = "owner"\n')
+        built = run_tool("build", work, "control", str(spec), "--key", str(signer), "--out",
+                         str(work / f"out{sequence}"))
+        assert built.returncode == 0, built.stderr
+    first, forged = work / "out1/fleet-1.control", work / "out2/fleet-2.control"
+    return {"key": new_key, "work": work, "apply": _stick([first], work, "ctl"),
+            "replay": _stick([first, forged], work, "replay")}
+
+
+def test_control_stick_swaps_the_api_keys_and_leaves_a_receipt(
+        guest: tuple[str, str, Path, Path], control_sticks: dict[str, Path | str]) -> None:
+    base, key, serial, _ = guest
+    new_key = str(control_sticks["key"])
+    _plug(Path(control_sticks["apply"]), "ctl")
+    log = _wait_serial(serial, "fleet-1.control: applied control fleet 1", 600)
+    log = _wait_serial(serial, "the stick can be removed", 300)
+    assert "API key field1 added; API key owner revoked" in log
+    deadline = time.monotonic() + 60
+    while True:  # the service takes the new keys without a restart (checked once a second)
+        try:
+            _client(base, key).models.list()
+        except openai.AuthenticationError:
+            break
+        assert time.monotonic() < deadline, "the revoked key still works"
+        time.sleep(2)
+    assert len(list(_client(base, new_key).models.list())) == 3
+    [body] = _receipts(Path(control_sticks["apply"]), Path(control_sticks["work"]) / "r1")
+    assert body["results"] == [{"file": "fleet-1.control", "kind": "control",
+                                "result": "applied", "name": "fleet", "sequence": 1,
+                                "detail": "API key field1 added; API key owner revoked"}]
+    shown = FINGERPRINT.search(log)
+    assert shown and body["certificate_sha256"] == shown.group(1)
+    assert body["status"]["api_keys"] == ["field1"]
+    pinned = GUEST["cert"].read_bytes()
+    crt = Path(control_sticks["work"]) / "r1" / receipt.FOLDER / f"{body['device']}.crt"
+    assert ssl.PEM_cert_to_DER_cert(crt.read_text()) == ssl.PEM_cert_to_DER_cert(
+        pinned.decode())
+    table = run_tool("build", Path(control_sticks["work"]), "receipts",
+                     str(Path(control_sticks["work"]) / "r1"))
+    assert table.returncode == 0 and str(body["device"])[:16] in table.stdout, table.stdout
+
+
+def test_replayed_or_wrongly_signed_control_is_refused(
+        guest: tuple[str, str, Path, Path], control_sticks: dict[str, Path | str]) -> None:
+    base, _, serial, _ = guest
+    before = serial.read_text(errors="replace").count("the stick can be removed")
+    _plug(Path(control_sticks["replay"]), "replay")
+    deadline = time.monotonic() + 600
+    while serial.read_text(errors="replace").count("the stick can be removed") == before:
+        assert time.monotonic() < deadline, "no receipt for the second control stick"
+        time.sleep(3)
+    log = serial.read_text(errors="replace")
+    assert "fleet-1.control: refused: control fleet 1 is not newer than 1" in log
+    assert "fleet-2.control: refused: 0 trusted signature(s), 1 required" in log
+    [body] = _receipts(Path(control_sticks["replay"]), Path(control_sticks["work"]) / "r2")
+    assert [r["result"] for r in body["results"]] == ["refused", "refused"]
+    assert len(list(_client(base, str(control_sticks["key"])).models.list())) == 3
 
 
 MDNS = ("224.0.0.251", "ff02::fb")
