@@ -140,6 +140,17 @@ class Misdirected(RequestError):
     code = "misdirected_request"
 
 
+class RateLimited(RequestError):
+    """An API key's own limit (requests in flight, or per minute) is reached: 429 with
+    Retry-After."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
 class Busy(ApplianceError):
     """A queue or pool is full: 503 with Retry-After."""
 

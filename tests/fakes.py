@@ -27,7 +27,8 @@ from starlette.testclient import TestClient
 from appliance.api.app import create_app
 from appliance.bundle import keys
 from appliance.bundle import manifest as mf
-from appliance.device.apikeys import hash_key
+from appliance.device import apikeys
+from appliance.device.apikeys import ApiKey, hash_key
 from appliance.device.install import import_bundle
 from appliance.device.layout import Layout
 from appliance.engines.chat import EngineBusy, GenerationRequest, GrammarError, NoTemplate
@@ -56,6 +57,8 @@ class FakeChat:
         self.prompts: list[str] = []
         self.closed = False
         self.stats: dict[str, Any] = {"requests": 0}
+        self.gate = threading.Event()  # tokens are held while a test keeps it closed
+        self.gate.set()
 
     @property
     def active_count(self) -> int:
@@ -112,6 +115,7 @@ class FakeChat:
                 return
             text, n = "", 0
             for ch in answer:
+                self.gate.wait(10)
                 if stream.cancelled:
                     stream.push(Finish("cancelled", len(req.prompt), n))
                     return
@@ -140,6 +144,7 @@ class FakeChat:
 
     def close(self) -> None:
         self.closed = True
+        self.gate.set()
 
 
 class FakeEmbed:
@@ -290,6 +295,8 @@ def fake_runtime(root: Path, fakes: Fakes, settings: Settings) -> Runtime:
     key = Ed25519PrivateKey.generate()
     layout = Layout(root)
     layout.trust.path.mkdir(parents=True, exist_ok=True)
+    # the app's key ring reads them from the live configuration, as on a device
+    apikeys.write(layout.api_keys, {k.name: k for k in settings.api_keys})
     kid = keys.key_id(key.public_key())
     (layout.trust.path / f"{kid}.pub").write_bytes(keys.public_pem(key.public_key()))
     folder = root.parent / "fake-bundles"
@@ -308,7 +315,7 @@ def fake_runtime(root: Path, fakes: Fakes, settings: Settings) -> Runtime:
 
 def fake_settings(**overrides: Any) -> Settings:
     base: dict[str, Any] = {"allowed_hosts": ("testserver",),
-                            "api_key_hashes": (hash_key(KEY),)}
+                            "api_keys": (ApiKey("test", hash_key(KEY)),)}
     return Settings(**{**base, **overrides})
 
 

@@ -17,6 +17,8 @@ import pytest
 from conftest import cli_env, free_port, run_tool
 from openai import OpenAI
 
+from appliance.device.layout import Layout
+
 HEADER_TIMEOUT = 2
 LIMITS = f"""
 [server]
@@ -52,7 +54,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     root = tmp_path_factory.mktemp("conn") / "root"
     created = run_tool("ctl", root, "apikey", "create", "tests")
     assert created.returncode == 0, created.stderr
-    (root / "etc/appliance/appliance.toml").write_text(LIMITS)
+    Layout(root).config.write_text(LIMITS)  # the live configuration the key went into
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli.ctl", "serve"],
                             env={**cli_env(root), "APPLIANCE_PORT": str(port)},

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.device.apikeys import ApiKey
 from appliance.device.layout import Layout
 from appliance.errors import FormatError, UsageError
 from appliance.serve import settings
@@ -82,7 +83,7 @@ def test_api_keys_file(tmp_path: Path) -> None:
     path = Layout(tmp_path).api_keys
     path.parent.mkdir(parents=True)
     path.write_text("# comment\nlaptop " + "ab" * 32 + "\n")
-    assert settings.load(Layout(tmp_path), env={}).api_key_hashes == ("ab" * 32,)
+    assert settings.load(Layout(tmp_path), env={}).api_keys == (ApiKey("laptop", "ab" * 32),)
     path.write_text("laptop short\n")
     with pytest.raises(FormatError, match="api-keys:1"):
         settings.load(Layout(tmp_path), env={})

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.datastructures import UploadFile
 
-from appliance.api.generation import DISCONNECT_POLL, runtime
+from appliance.api.generation import DISCONNECT_POLL, allowed_models, runtime
 from appliance.api.sse import DONE, sse, sse_error
 from appliance.engines import audio
 from appliance.engines.base import TranscribeBackend
@@ -163,7 +163,7 @@ async def _handle(request: Request, translate: bool) -> Response:
     rt = runtime(request)
     fields, data = await _read_form(request)
     form = _Form(fields, translate)
-    served = rt.transcription(form.model)
+    served = rt.transcription(form.model, allowed_models(request))
     engine = served.engine
     engine.check(form.language, translate)
     engine.admit()  # a place in the queue, or Busy; given back when decoding has ended

@@ -13,6 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 from appliance.api import grammar, responses
 from appliance.api.errors import blame
 from appliance.api.generation import (
+    allowed_models,
     check_chars,
     check_logit_bias,
     collect,
@@ -85,7 +86,7 @@ def answer_grammar(req: ChatCompletionRequest) -> str | None:
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response | dict[
         str, Any]:
     req.check()
-    served = runtime(request).chat(req.model)
+    served = runtime(request).chat(req.model, allowed_models(request))
     engine = served.engine
     check_logit_bias(engine, req)
     check_chars((m.text() for m in req.messages), engine.ctx_per_seq, "messages")

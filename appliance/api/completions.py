@@ -12,6 +12,7 @@ from fastapi.responses import Response, StreamingResponse
 from appliance.api import responses
 from appliance.api.errors import blame
 from appliance.api.generation import (
+    allowed_models,
     check_chars,
     check_logit_bias,
     collect,
@@ -33,7 +34,7 @@ router = APIRouter()
 @router.post("/v1/completions", response_model=None)
 async def completions(req: CompletionRequest, request: Request) -> Response | dict[str, Any]:
     req.check()
-    served = runtime(request).chat(req.model)
+    served = runtime(request).chat(req.model, allowed_models(request))
     engine = served.engine
     check_logit_bias(engine, req)
     where = ["prompt"] if len(req.prompts) == 1 else [f"prompt.{i}" for i in

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from appliance.api.errors import blame
-from appliance.api.generation import MAX_CHARS_PER_TOKEN, runtime
+from appliance.api.generation import MAX_CHARS_PER_TOKEN, allowed_models, runtime
 from appliance.api.protocol import EmbeddingRequest
 from appliance.engines.embed import truncate
 from appliance.errors import ContextTooLong, Unsupported
@@ -24,7 +24,7 @@ router = APIRouter()
 async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
     rt = runtime(request)
     limits = rt.settings
-    served = rt.embeddings(req.model)
+    served = rt.embeddings(req.model, allowed_models(request))
     engine = served.engine
     texts, token_lists = req.items()
     count = len(texts) or len(token_lists)

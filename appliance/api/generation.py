@@ -1,5 +1,6 @@
 """What chat and completions share: sampling parameters, limits checked before any work,
-grammars built off the event loop, and the events of one generation."""
+grammars built off the event loop, and the events of one generation; and what every route
+shares: the runtime, and the models the request's API key may use."""
 
 from __future__ import annotations
 
@@ -32,6 +33,13 @@ _grammar_pending = [0]
 def runtime(request: Request) -> Runtime:
     found: Runtime = request.app.state.runtime
     return found
+
+
+def allowed_models(request: Request) -> frozenset[str] | None:
+    """The model ids the request's API key may use (set by the Guard); None: every model.
+    Every lookup of a model by id goes through the runtime with this."""
+    key = request.scope.get("state", {}).get("api_key")
+    return frozenset(key.models) if key is not None and key.models else None
 
 
 def sampling(req: Sampled) -> Sampling:

@@ -1,23 +1,30 @@
 """ASGI middleware in front of every route: the Host header must name this appliance (DNS
 rebinding), a browser Origin must be allowed explicitly (no CORS `*`), bodies are capped while
 they are read (JSON much lower than uploads), text that no tokenizer can encode is refused, and
-API keys are checked in constant time."""
+API keys are checked in constant time. A key's own limits (requests in flight, requests per
+rolling minute) are counted here, per process; the key is left in `scope["state"]["api_key"]`
+for the routes, which show it only its models (api/generation.py `allowed_models`)."""
 
 from __future__ import annotations
 
 import json
+import math
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from appliance.api import textcheck
 from appliance.api.connections import mark_keyed
 from appliance.api.errors import error_response
-from appliance.device.apikeys import key_matches
+from appliance.api.keyring import KeyRing
+from appliance.device.apikeys import ApiKey
 from appliance.errors import (
     ApplianceError,
     Forbidden,
     InvalidText,
     Misdirected,
+    RateLimited,
     RequestError,
     TooLarge,
     Unauthorized,
@@ -29,12 +36,16 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 OPEN_PATHS = ("/healthz",)  # answered without an API key: says alive or not, nothing more
 UPLOAD_PATHS = ("/v1/audio/",)  # the only routes that take large (multipart) bodies
+WINDOW = 60.0  # seconds of a key's per_minute limit
 
 
 class Guard:
-    def __init__(self, app: Any, settings: Settings) -> None:
+    def __init__(self, app: Any, settings: Settings, keys: KeyRing) -> None:
         self.app = app
         self.settings = settings
+        self.keys = keys
+        self.in_flight: dict[str, int] = {}  # by key name
+        self.started: dict[str, deque[float]] = {}  # by key name: admitted in the last WINDOW
         self.max_body = settings.max_body_mb * 1024 * 1024
         self.max_json = settings.max_json_kb * 1024
         # host names only: a port-forwarded client (qemu, ssh -L) sends another port
@@ -48,12 +59,27 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
         try:
-            self._check(scope, headers)
+            key = self._check(scope, headers)
+            if key is not None:
+                self._admit(key)
         except ApplianceError as exc:
             # a refused client gets its connection closed too: it costs nothing while it retries
             exc.headers["Connection"] = "close"
             await error_response(exc)(scope, receive, send)
             return
+        if key is None:
+            await self._pass(scope, receive, send, headers)
+            return
+        scope.setdefault("state", {})["api_key"] = key
+        try:
+            # a streamed answer is in flight until its last chunk: the app returns only then
+            await self._pass(scope, receive, send, headers)
+        finally:
+            self._leave(key)
+
+    async def _pass(self, scope: Scope, receive: Receive, send: Send,
+                    headers: dict[str, str]) -> None:
+        """The body read under its cap and checked, then the request handed to the app."""
         if scope["path"] in OPEN_PATHS and (headers.get("content-length", "0") != "0"
                                             or "transfer-encoding" in headers):
             # no key was asked for: nothing from such a client is read or buffered
@@ -108,7 +134,32 @@ class Guard:
         # the rest of the body is not read: the connection cannot be reused
         return TooLarge(f"request body is larger than {limit}", headers={"Connection": "close"})
 
-    def _check(self, scope: Scope, headers: dict[str, str]) -> None:
+    def _admit(self, key: ApiKey) -> None:
+        """Count a request of `key` in, or refuse it (429) past the key's limits; a refused
+        request counts for nothing."""
+        busy = self.in_flight.get(key.name, 0)
+        if key.concurrent and busy >= key.concurrent:
+            raise RateLimited(f"this API key has {busy} requests in flight; it may have "
+                              f"{key.concurrent} at once", retry_after=1)
+        if key.per_minute:
+            now = time.monotonic()
+            started = self.started.setdefault(key.name, deque())
+            while started and started[0] <= now - WINDOW:
+                started.popleft()
+            if len(started) >= key.per_minute:
+                wait = max(1, math.ceil(started[0] + WINDOW - now))
+                raise RateLimited(f"this API key may make {key.per_minute} requests a minute",
+                                  retry_after=wait)
+            started.append(now)
+        self.in_flight[key.name] = busy + 1
+
+    def _leave(self, key: ApiKey) -> None:
+        left = self.in_flight.pop(key.name, 1) - 1
+        if left:
+            self.in_flight[key.name] = left
+
+    def _check(self, scope: Scope, headers: dict[str, str]) -> ApiKey | None:
+        """The request's API key (None on open paths and with auth off), or an error."""
         host = headers.get("host", "").lower()
         name = host if host.endswith("]") else host.rpartition(":")[0] or host
         if name not in self.hosts:
@@ -117,12 +168,14 @@ class Guard:
         if origin is not None and origin not in self.settings.allowed_origins:
             raise Forbidden("cross-origin requests are not allowed")
         if scope["path"] in OPEN_PATHS or not self.settings.auth:
-            return
+            return None
         auth = headers.get("authorization", "")
-        scheme, _, key = auth.partition(" ")
-        if scheme.lower() != "bearer" or not key_matches(key.strip(), self.settings.api_key_hashes):
+        scheme, _, presented = auth.partition(" ")
+        key = self.keys.match(presented.strip()) if scheme.lower() == "bearer" else None
+        if key is None:
             raise Unauthorized("Incorrect API key provided.")
         mark_keyed(scope)
+        return key
 
 
 def _bracketed(host: str) -> str:

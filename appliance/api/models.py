@@ -1,4 +1,4 @@
-"""GET /v1/models, /healthz and /metrics."""
+"""GET /v1/models, /healthz and /metrics. A key scoped to some models sees only those."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from appliance.api import responses
-from appliance.api.generation import runtime
+from appliance.api.generation import allowed_models, runtime
 from appliance.errors import ModelNotFound
 
 router = APIRouter()
@@ -17,12 +17,13 @@ router = APIRouter()
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list",
-            "data": [responses.model_card(m) for m in runtime(request).served()]}
+            "data": [responses.model_card(m)
+                     for m in runtime(request).served(allowed_models(request))]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-    for m in runtime(request).served():
+    for m in runtime(request).served(allowed_models(request)):
         if m.id == model_id:
             return responses.model_card(m)
     raise ModelNotFound(f"The model `{model_id}` does not exist", param="model")
@@ -38,7 +39,10 @@ async def healthz(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> PlainTextResponse:
     rt = runtime(request)
     lines = [f"appliance_{k} {v}" for k, v in rt.lanes.report().items()]
+    allowed = allowed_models(request)
     for model, load in rt.load_report().items():
+        if allowed is not None and model not in allowed:
+            continue  # a scoped key learns nothing of the other models
         task = load.pop("task")
         for key, value in load.items():
             lines.append(f'appliance_{task}_{key}{{model="{model}"}} {value}')

@@ -86,10 +86,21 @@ def _parser() -> argparse.ArgumentParser:
 
     ak = sub.add_parser("apikey", help="API keys for LAN clients (stored as hashes)")
     aks = ak.add_subparsers(dest="action", required=True)
-    aks.add_parser("create", help="make a key and print it once").add_argument("name")
-    aks.add_parser("list")
+    akc = aks.add_parser("create", help="make a key and print it once")
+    akc.add_argument("name")
+    akc.add_argument("--models", type=_model_list, default=(), metavar="A,B",
+                     help="the model ids it may use (default: all)")
+    akc.add_argument("--concurrent", type=int, default=0, metavar="N",
+                     help="requests in flight at once (default 0: no limit)")
+    akc.add_argument("--per-minute", type=int, default=0, metavar="N",
+                     help="requests per rolling minute (default 0: no limit)")
+    aks.add_parser("list", help="names and their limits")
     aks.add_parser("remove").add_argument("name")
     return p
+
+
+def _model_list(value: str) -> tuple[str, ...]:
+    return tuple(value.split(","))
 
 
 def _bundle(args: argparse.Namespace, layout: Layout) -> int:
@@ -323,10 +334,10 @@ def _probe(args: argparse.Namespace, layout: Layout) -> int:
 
 def _apikey(args: argparse.Namespace, layout: Layout) -> int:
     if args.action == "list":
-        for name in apikeys.read(layout.api_keys):
-            print(name)
+        for name, key in apikeys.read(layout.api_keys).items():
+            print(f"{name}: {key.limits()}")
     elif args.action == "create":
-        print(apikeys.create(layout, args.name))
+        print(apikeys.create(layout, args.name, args.models, args.concurrent, args.per_minute))
         print("store it now: only its hash is kept", file=sys.stderr)
     else:
         apikeys.remove(layout, args.name)

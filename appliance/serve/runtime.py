@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
@@ -385,36 +385,45 @@ class Runtime:
             compute_type="float16" if gpu else "int8", threads=1,
             languages=loaded.model.defaults.languages, max_queue=self.settings.max_queue)
 
-    def chat(self, model_id: str) -> Served[ChatBackend]:
-        return self._served(model_id, mf.Task.CHAT)
+    # `allowed`: the model ids an API key may use (None: all). Any other model is answered
+    # exactly as one that does not exist, so a scoped key learns nothing about it.
 
-    def embeddings(self, model_id: str) -> Served[EmbedBackend]:
-        return self._served(model_id, mf.Task.EMBEDDINGS)
+    def chat(self, model_id: str, allowed: Collection[str] | None = None) -> Served[ChatBackend]:
+        return self._served(model_id, mf.Task.CHAT, allowed)
 
-    def transcription(self, model_id: str) -> Served[TranscribeBackend]:
-        return self._served(model_id, mf.Task.TRANSCRIPTION)
+    def embeddings(self, model_id: str,
+                   allowed: Collection[str] | None = None) -> Served[EmbedBackend]:
+        return self._served(model_id, mf.Task.EMBEDDINGS, allowed)
 
-    def _served(self, model_id: str, task: mf.Task) -> Served[Any]:
-        loaded = self.get(model_id, task)
+    def transcription(self, model_id: str,
+                      allowed: Collection[str] | None = None) -> Served[TranscribeBackend]:
+        return self._served(model_id, mf.Task.TRANSCRIPTION, allowed)
+
+    def _served(self, model_id: str, task: mf.Task,
+                allowed: Collection[str] | None) -> Served[Any]:
+        loaded = self.get(model_id, task, allowed)
         return Served(loaded, cast(Any, loaded.engine))
 
-    def get(self, model_id: str, task: mf.Task) -> LoadedModel:
-        loaded = self.models.get(model_id)
-        if loaded is None and model_id in self._switching:
+    def get(self, model_id: str, task: mf.Task,
+            allowed: Collection[str] | None = None) -> LoadedModel:
+        visible = allowed is None or model_id in allowed
+        loaded = self.models.get(model_id) if visible else None
+        if loaded is None and visible and model_id in self._switching:
             raise Busy(f"the model `{model_id}` is being replaced by a new version; retry "
                        "shortly", retry_after=5)
         if loaded is not None and loaded.engine is None and loaded.task is task:
             raise ModelUnavailable(f"The model `{model_id}` failed to load on this appliance: "
                                    f"{loaded.error}", param="model")
         if loaded is None or loaded.engine is None or loaded.task is not task:
-            served = [m.id for m in self.models.values() if m.engine and m.task is task]
+            served = [m.id for m in self.served(allowed) if m.task is task]
             raise ModelNotFound(
                 f"The model `{model_id}` does not exist or does not serve {task.value}",
                 hint=f"available: {', '.join(served) or 'none'}", param="model")
         return loaded
 
-    def served(self) -> list[LoadedModel]:
-        return [m for m in self.models.values() if m.engine is not None]
+    def served(self, allowed: Collection[str] | None = None) -> list[LoadedModel]:
+        return [m for m in self.models.values()
+                if m.engine is not None and (allowed is None or m.id in allowed)]
 
     def health(self) -> dict[str, Any]:
         """ok; degraded (some models failed to load, the others serve); unhealthy (an engine

@@ -34,8 +34,10 @@
     max_embedding_tokens = 300000   # tokens in one embeddings request
     max_audio_seconds = 1800    # longest audio accepted for transcription
 
-API keys live apart, in `<root>/etc/appliance/api-keys` (one `name sha256hex` per line, written
-by `appliance-ctl apikey create`), so a key never sits in a config file in clear.
+API keys live apart, in the live configuration's `api-keys` (one `name sha256hex [limits]` per
+line, written by `appliance-ctl apikey create`; see device/apikeys.py), so a key never sits in a
+config file in clear. They are read here for the start-up check; the running service re-reads
+them when they change (api/keyring.py).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class Settings:
     max_embedding_inputs: int = 2048
     max_embedding_tokens: int = 300_000
     max_audio_seconds: int = 1800
-    api_key_hashes: tuple[str, ...] = field(default=(), repr=False)
+    api_keys: tuple[apikeys.ApiKey, ...] = field(default=(), repr=False)
 
     @property
     def loopback(self) -> bool:
@@ -98,7 +100,7 @@ class Settings:
         if not self.auth and not self.loopback:
             raise UsageError(f"auth = false is only allowed on a loopback address, not {self.host}",
                              hint="create a key with `appliance-ctl apikey create NAME`")
-        if self.auth and not self.api_key_hashes:
+        if self.auth and not self.api_keys:
             raise UsageError("auth is on but no API key exists",
                              hint="create one with `appliance-ctl apikey create NAME`")
         if not 0 < self.memory_fraction <= 1:
@@ -146,7 +148,7 @@ def load(layout: Layout, env: dict[str, str] | None = None) -> Settings:
         section[key] = _env_value(var, env[var], kind)
         labels[f"{table}.{key}"] = var
     s = validate(Fields(doc, str(layout.config), labels=labels))
-    return replace(s, api_key_hashes=tuple(apikeys.read(layout.api_keys).values()))
+    return replace(s, api_keys=tuple(apikeys.read(layout.api_keys).values()))
 
 
 def check_document(doc: dict[str, Any]) -> None:
