@@ -307,3 +307,48 @@ def test_config_generation_link_is_checked(device: Layout) -> None:
     device.config_link.symlink_to("/etc")
     with pytest.raises(StoreError, match="not a config generation"):
         config.generation(device)
+
+
+def test_kill_at_every_checkpoint_leaves_old_or_new(device: Layout, tmp_path: Path,
+                                                    factory: Factory,
+                                                    signing_key: Ed25519PrivateKey) -> None:
+    """SIGKILL at each checkpoint of applying a document (API key, settings and a rollback),
+    then what the next start does (`resume`): the device has all of it or none of it."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    import_bundle(factory.bundle(sequence=2), device)
+    doc = document(tmp_path, [add_key(), {"action": "settings", "settings": {
+        "server": {"max_queue": 9}}}, {"action": "rollback", "bundle": "demo"}], [signing_key])
+    baseline = tmp_path / "baseline"
+    shutil.copytree(device.root, baseline, symlinks=True)
+
+    def ctl(root: Path, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "appliance.cli.ctl", "control", "apply",
+                               str(doc)], env={**cli_env(root), **env}, capture_output=True,
+                              text=True, timeout=60)
+
+    log = tmp_path / "points"
+    probe = tmp_path / "probe"
+    shutil.copytree(baseline, probe, symlinks=True)
+    assert ctl(probe, APPLIANCE_CHECKPOINT_LOG=str(log)).returncode == 0
+    points = log.read_text().splitlines()
+    assert any("config live" in p for p in points), points
+    seen = set()
+    for k in range(1, len(points) + 1):
+        root = tmp_path / f"kill-{k}"
+        shutil.copytree(baseline, root, symlinks=True)
+        assert ctl(root, APPLIANCE_KILL_AT=str(k)).returncode == -signal.SIGKILL
+        layout = Layout(root)
+        with Store(layout).locked():
+            control.resume(layout)
+        new = "alice" in apikeys.read(layout.api_keys)
+        assert control.mark(layout, "fleet") == (1 if new else 0), k
+        assert load_settings(layout, env={}).max_queue == (9 if new else 64), k
+        assert Store(layout).active("demo") == (1 if new else 2), k
+        seen.add(new)
+    assert seen == {False, True}

@@ -54,8 +54,9 @@ def read(path: Path, layout: Layout) -> tuple[ctl.Control, bytes, bytes, list[st
     with install.open_file(path) as src:
         reader = install.BundleReader(src, layout)
         manifest_bytes, sig_bytes, signers = reader.signed()
+        parsed = ctl.parse(manifest_bytes)  # a model bundle is refused here, by its kind
         reader.end()
-    return ctl.parse(manifest_bytes), manifest_bytes, sig_bytes, signers
+    return parsed, manifest_bytes, sig_bytes, signers
 
 
 def apply_file(path: Path, layout: Layout, device_id: str, check_settings: SettingsCheck,

@@ -163,21 +163,22 @@ def write_receipt(layout: Layout, stick: Path, results: list[StickResult]) -> st
     data = receipt.sign(body, me.key)
     folder = _receipt_folder(stick)
     try:
-        name = f"{me.id}-{body['written'].replace(':', '')}.json"
+        stem = f"{me.id}-{body['written'].replace(':', '')}"
         for n in range(100):  # two sticks in one second: a new name, never an overwrite
-            candidate = name if n == 0 else name.replace(".json", f"-{n}.json")
+            candidate = f"{stem}-{n:02d}.json"
             try:
                 _create(folder, candidate, data)
-                name = candidate
                 break
             except FileExistsError:
                 continue
+        else:
+            raise StoreError("the stick holds 100 receipts of this second already")
         if cert.exists():
             _replace(folder, f"{me.id}.crt", cert.read_bytes())
         os.fsync(folder)
     finally:
         os.close(folder)
-    return f"{receipt.FOLDER}/{name}"
+    return f"{receipt.FOLDER}/{candidate}"
 
 
 def _receipt_folder(stick: Path) -> int:
