@@ -122,15 +122,21 @@ image-tools:
 	if [ -n "$$missing" ]; then echo "installing apt packages:$$missing"; apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
+# The image seeds only the hash of an owner key ("owner"); the key itself stays here, beside
+# the image, for the boot test and for you. A device can also get its first key from a stick.
 image: venv image-tools
-	$(VENV)/bin/appliance-build image --target $(TARGET) --out out/image
+	@mkdir -p out/image; key=out/image/$(TARGET).api-key; \
+	[ -f $$key ] || (umask 077; echo "sk-appliance-$$(head -c 32 /dev/urandom | base64 | tr -d '=+/\n')" > $$key); \
+	printf 'owner %s\n' "$$(tr -d '\n' < $$key | sha256sum | cut -c1-64)" > out/image/$(TARGET).api-keys
+	$(VENV)/bin/appliance-build image --target $(TARGET) --out out/image \
+	  --api-keys out/image/$(TARGET).api-keys
 
 # Two builds of one target from the same inputs (same time, same publisher key), compared.
 image-repro: venv image-tools
 	@mkdir -p out/repro && [ -f out/repro/publisher.key ] || $(VENV)/bin/appliance-build keygen --out out/repro/publisher
-	@[ -f out/repro/api-key ] || (umask 077; echo "sk-appliance-repro-$$(date +%s%N)" > out/repro/api-key)
+	@printf 'owner %s\n' "$$(printf repro | sha256sum | cut -c1-64)" > out/repro/api-keys
 	for side in a b; do SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct) $(VENV)/bin/appliance-build image \
-	  --target $(TARGET) --key out/repro/publisher.key --api-key-file out/repro/api-key \
+	  --target $(TARGET) --key out/repro/publisher.key --api-keys out/repro/api-keys \
 	  --out out/repro/$$side || exit 1; done
 	$(VENV)/bin/appliance-build image-compare out/repro/a out/repro/b
 

@@ -31,6 +31,10 @@ def serve(layout: Layout, announce: Callable[[Settings, list[str]], None] | None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = settings_mod.load(layout)
     cfg.check()
+    if cfg.auth and not cfg.api_keys:
+        # a sealed device waits for its first key from a control document (taken live)
+        log.warning("no API key yet: every request gets 401 until one is added "
+                    "(`appliance-ctl apikey create NAME`, or a control document on a stick)")
     runtime = Runtime(layout, cfg)
     # SIGTERM (systemctl stop, a start timeout) while loading must unwind, so the record of
     # the model being loaded is cleared and not taken for a crash (uvicorn takes over later)

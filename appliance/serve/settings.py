@@ -100,9 +100,6 @@ class Settings:
         if not self.auth and not self.loopback:
             raise UsageError(f"auth = false is only allowed on a loopback address, not {self.host}",
                              hint="create a key with `appliance-ctl apikey create NAME`")
-        if self.auth and not self.api_keys:
-            raise UsageError("auth is on but no API key exists",
-                             hint="create one with `appliance-ctl apikey create NAME`")
         if not 0 < self.memory_fraction <= 1:
             raise UsageError("memory_fraction must be in (0, 1]")
 
@@ -154,9 +151,7 @@ def load(layout: Layout, env: dict[str, str] | None = None) -> Settings:
 def check_document(doc: dict[str, Any]) -> None:
     """A settings document from a signed control document, before it may go live: the same
     validator as the file, and the same refusal to expose the API without keys."""
-    s = validate(Fields(doc, "settings"))
-    if not s.auth and not s.loopback:
-        raise UsageError(f"auth = false is only allowed on a loopback address, not {s.host}")
+    validate(Fields(doc, "settings")).check()
 
 
 def _env_value(var: str, raw: str, kind: type) -> Any:
