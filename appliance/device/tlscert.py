@@ -14,6 +14,7 @@ import datetime as dt
 import grp
 import ipaddress
 import os
+import ssl
 from pathlib import Path
 
 from cryptography import x509
@@ -28,7 +29,7 @@ KEY = "tls.key"
 CERT = "tls.crt"
 GROUP = "appliance"
 # Past any device's life: an expired pin would cut every client off an offline appliance.
-NOT_AFTER = dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc)
+NOT_AFTER = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
 
 
 def ensure(identity: Path, names: list[str]) -> bool:
@@ -64,6 +65,18 @@ def load(identity: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def server_context(identity: Path) -> ssl.SSLContext:
+    """The listener's TLS context: the device certificate, TLS 1.2 at least."""
+    cert, key = load(identity)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StoreError(f"cannot load the TLS certificate {cert}: {exc}") from None
+    return ctx
+
+
 def fingerprint(cert: Path) -> str:
     """SHA-256 of the DER certificate as `AB:CD:...`, as `openssl x509 -fingerprint -sha256`
     prints it: what a person compares on the console."""
@@ -82,7 +95,7 @@ def _certificate(key: ec.EllipticCurvePrivateKey, names: list[str]) -> x509.Cert
         if entry not in alt:
             alt.append(entry)
     public = key.public_key()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     # CA=false with key identifiers and explicit usages: what strict X.509 verification
     # (Python 3.13's default, VERIFY_X509_STRICT) asks of a pinned leaf certificate
     return (x509.CertificateBuilder()
