@@ -25,7 +25,7 @@ def test_ready_then_watchdog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     state = {"ok": True}
     stop = threading.Event()
     thread = notify.supervise(
-        "127.0.0.1", listener.getsockname()[1],
+        [("127.0.0.1", listener.getsockname()[1])],
         lambda: (state["ok"], "ok: m ok" if state["ok"] else "unhealthy: m dead"), stop)
     first = receiver.recv(4096).decode()
     assert first.startswith("READY=1") and "STATUS=ok: m ok" in first
@@ -48,3 +48,28 @@ def test_watchdog_meant_for_another_process(monkeypatch: pytest.MonkeyPatch) -> 
     assert notify.watchdog_interval() == 0.5
     monkeypatch.delenv("WATCHDOG_USEC")
     assert notify.watchdog_interval() is None
+
+
+def test_ready_waits_for_every_listener(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sock_path = tmp_path / "notify"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(sock_path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    first, second = socket.socket(), socket.socket()
+    first.bind(("127.0.0.1", 0))
+    first.listen()
+    second.bind(("127.0.0.1", 0))  # bound, not yet listening
+    stop = threading.Event()
+    thread = notify.supervise([("127.0.0.1", first.getsockname()[1]),
+                               ("127.0.0.1", second.getsockname()[1])],
+                              lambda: (True, "ok"), stop)
+    receiver.settimeout(1)
+    with pytest.raises(TimeoutError):
+        receiver.recv(4096)
+    second.listen()
+    receiver.settimeout(10)
+    assert receiver.recv(4096).decode().startswith("READY=1")
+    stop.set()
+    thread.join(timeout=15)
+    for sock in (receiver, first, second):
+        sock.close()

@@ -7,13 +7,14 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from appliance.cli.common import Progress, run
-from appliance.device import actions, apikeys, control, identity, install, trial
+from appliance.device import actions, apikeys, control, identity, install, tlscert, trial
 from appliance.device import stick as stick_mod
 from appliance.device.layout import Layout
 from appliance.device.store import Store
@@ -215,7 +216,6 @@ def status_report(layout: Layout) -> dict[str, Any]:
     cert = layout.identity / "tls.crt"
     device = {"id": identity.device_id(layout), "certificate_sha256": None}
     if cert.exists():
-        from appliance.device import tlscert
         device["certificate_sha256"] = tlscert.fingerprint(cert)
     return {"root": str(layout.root), "device": device, "bundles": bundles,
             "trust": {"keys": list(layout.trust.keys()), "threshold": layout.trust.threshold()},
@@ -230,23 +230,38 @@ def _self_test(layout: Layout, name: str, sequence: int) -> dict[str, Any] | Non
 
 
 def _runtime_report(layout: Layout) -> dict[str, Any] | None:
-    """What the running server chose (runtime.json) and whether it answers /healthz."""
+    """What the running server chose (runtime.json) and whether it answers /healthz: on the
+    plain loopback listener if there is one, else on the main one (over TLS if it says so,
+    trusting the device certificate alone)."""
     import urllib.error
     import urllib.request
     path = layout.run / "runtime.json"
     if not path.exists():
         return None
     report: dict[str, Any] = json.loads(path.read_text())
-    host, _, port = report["listen"].rpartition(":")
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=2) as r:
+        url, context = _health_url(layout, report)
+        with urllib.request.urlopen(url, timeout=2, context=context) as r:
             report["health"] = json.loads(r.read())
     except urllib.error.HTTPError as exc:
         report["health"] = json.loads(exc.read() or b"{}") or {"status": f"HTTP {exc.code}"}
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
         report["health"] = {"status": "not answering (stopped, or still starting)"}
     return report
+
+
+def _health_url(layout: Layout, report: dict[str, Any]) -> tuple[str, ssl.SSLContext | None]:
+    if report.get("local"):
+        return f"{report['local']}/healthz", None
+    host, _, port = report["listen"].rpartition(":")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    host = f"[{host}]" if ":" in host else host
+    if not report.get("tls"):
+        return f"http://{host}:{port}/healthz", None
+    # the pin is the trust: which names the certificate carries does not matter
+    context = ssl.create_default_context(cafile=layout.identity / tlscert.CERT)
+    context.check_hostname = False
+    return f"https://{host}:{port}/healthz", context
 
 
 def _status(args: argparse.Namespace, layout: Layout) -> int:
@@ -301,27 +316,37 @@ def _status(args: argparse.Namespace, layout: Layout) -> int:
 
 def _serve(args: argparse.Namespace, layout: Layout) -> int:
     from appliance.serve.service import serve
-    serve(layout, announce=_banner)
+    serve(layout, announce=lambda cfg, models: _banner(layout, cfg, models))
     return 0
 
 
-def _banner(cfg: Any, chat_models: list[str]) -> None:
+def _banner(layout: Layout, cfg: Any, chat_models: list[str]) -> None:
     """What to paste into a client, printed as the server starts."""
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    base = f"http://{host}:{cfg.port}/v1"
+    base = f"{'https' if cfg.tls else 'http'}://{host}:{cfg.port}/v1"
     key = "unused" if not cfg.auth else "<your key from `appliance-ctl apikey create`>"
     model = chat_models[0] if chat_models else "<model>"
     auth = "" if not cfg.auth else " -H 'Authorization: Bearer $KEY'"
+    local = f"; http://127.0.0.1:{cfg.local_port}/v1 on this device" if cfg.local_port else ""
+    pin = verify = cacert = ""
+    if cfg.tls:  # clients pin the device certificate (README: Pinned TLS)
+        cert = layout.identity / tlscert.CERT
+        pin = (f"\ncertificate {cert}\n  SHA-256 {tlscert.fingerprint(cert)}\n\n"
+               f"    import ssl, httpx\n"
+               f"    ctx = ssl.create_default_context(cafile=\"{cert.name}\")  # a copy of it\n"
+               f"    ctx.check_hostname = False  # the pin is the trust, not the name\n")
+        verify = ",\n                    http_client=httpx.Client(verify=ctx)"
+        cacert = f" --cacert {cert.name}"
     print(f"""
-serving on {base}  (Ctrl-C stops)
-
+serving on {base}  (Ctrl-C stops{local})
+{pin}
     from openai import OpenAI
-    client = OpenAI(base_url="{base}", api_key="{key}")
+    client = OpenAI(base_url="{base}", api_key="{key}"{verify})
     reply = client.chat.completions.create(
         model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])
     print(reply.choices[0].message.content)
 
-    curl {base}/chat/completions{auth} -H 'Content-Type: application/json' \\
+    curl{cacert} {base}/chat/completions{auth} -H 'Content-Type: application/json' \\
       -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
 """, flush=True)
 
@@ -386,7 +411,7 @@ def _control(args: argparse.Namespace, layout: Layout) -> int:
 
 def _init(args: argparse.Namespace, layout: Layout) -> int:
     """Idempotent: run on every boot, it makes only what is missing."""
-    from appliance.device import config, tlscert
+    from appliance.device import config
     store = Store(layout)
     with store.locked():
         if not os.path.lexists(layout.config_link):

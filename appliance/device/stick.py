@@ -24,7 +24,7 @@ from typing import Any
 from appliance import __version__
 from appliance.bundle import control as ctl
 from appliance.bundle import receipt
-from appliance.device import apikeys, control, identity, install, trial
+from appliance.device import apikeys, control, identity, install, tlscert, trial
 from appliance.device.layout import Layout
 from appliance.device.store import Store
 from appliance.errors import ApplianceError, StoreError
@@ -158,7 +158,6 @@ def write_receipt(layout: Layout, stick: Path, results: list[StickResult]) -> st
     }
     cert = layout.identity / "tls.crt"
     if cert.exists():
-        from appliance.device import tlscert
         body["certificate_sha256"] = tlscert.fingerprint(cert)
     data = receipt.sign(body, me.key)
     folder = _receipt_folder(stick)

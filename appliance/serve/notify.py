@@ -43,20 +43,22 @@ def watchdog_interval() -> float | None:
     return int(usec) / 2_000_000
 
 
-def supervise(host: str, port: int, healthy: Callable[[], tuple[bool, str]],
+def supervise(listeners: list[tuple[str, int]], healthy: Callable[[], tuple[bool, str]],
               stop: threading.Event | None = None) -> threading.Thread:
-    """Start the thread that says READY once `host:port` accepts connections, then pings the
-    watchdog while `healthy()` holds and reports its status line (until `stop` is set)."""
+    """Start the thread that says READY once every `(host, port)` of `listeners` accepts
+    connections, then pings the watchdog while `healthy()` holds and reports its status line
+    (until `stop` is set). Only TCP is probed, so a TLS listener is probed the same way."""
     stop = stop or threading.Event()
 
     def run() -> None:
-        target = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
-        while True:
-            try:
-                socket.create_connection((target, port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+        for host, port in listeners:
+            target = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+            while True:
+                try:
+                    socket.create_connection((target, port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.2)
         ok, status = healthy()
         notify(f"READY=1\nSTATUS={status}")
         interval = watchdog_interval() or 10.0

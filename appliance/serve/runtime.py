@@ -91,9 +91,11 @@ def _gpu_layers(path: str, offload: float) -> int:
 class Runtime:
     def __init__(self, layout: Layout, settings: Settings,
                  probe: hardware.Probe | None = None,
-                 loaders: Mapping[mf.Task, Loader] | None = None) -> None:
+                 loaders: Mapping[mf.Task, Loader] | None = None, *,
+                 fingerprint: str | None = None) -> None:
         self.layout = layout
         self.settings = settings
+        self.fingerprint = fingerprint  # of the TLS certificate the main listener presents
         self.probe = probe or hardware.probe()
         self.loaders: Mapping[mf.Task, Loader] = loaders or {
             mf.Task.CHAT: Runtime._load_chat, mf.Task.EMBEDDINGS: Runtime._load_embed,
@@ -461,6 +463,11 @@ class Runtime:
             "version": __version__,
             "started": int(self.started),
             "listen": f"{self.settings.host}:{self.settings.port}",
+            "tls": self.settings.tls,
+            # on-device tools (status, the console) use the plain loopback listener if any
+            **({"local": f"http://127.0.0.1:{self.settings.local_port}"}
+               if self.settings.local_port else {}),
+            **({"fingerprint": self.fingerprint} if self.fingerprint else {}),
             "probe": self.probe.to_json(),
             "lanes": self.lanes.report(),
             "serving": dict(self.serving),

@@ -3,7 +3,8 @@
 
     [server]
     host = "127.0.0.1"          # the image sets the LAN address
-    port = 8080
+    port = 8080                 # HTTPS with the device certificate unless host is loopback
+    local_port = 0              # a plain-HTTP listener on 127.0.0.1 for on-device tools (0: none)
     auth = true                 # false is accepted only while host is a loopback address
     allowed_hosts = []          # Host headers accepted besides the bind address and localhost
     allowed_origins = []        # browser origins allowed to call the API (none by default)
@@ -34,6 +35,10 @@
     max_embedding_tokens = 300000   # tokens in one embeddings request
     max_audio_seconds = 1800    # longest audio accepted for transcription
 
+Off loopback the API is served over TLS only, with the device's own certificate
+(`identity/tls.crt`, made by `appliance-ctl init`), which clients pin: there is no setting for
+clear HTTP on the LAN. Tools on the device itself use `local_port` (or a loopback `host`).
+
 API keys live apart, in the live configuration's `api-keys` (one `name sha256hex [limits]` per
 line, written by `appliance-ctl apikey create`; see device/apikeys.py), so a key never sits in a
 config file in clear. They are read here for the start-up check; the running service re-reads
@@ -59,6 +64,7 @@ MAX_SETTINGS = 64 * 1024
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
+    local_port: int = 0
     auth: bool = True
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
@@ -95,6 +101,11 @@ class Settings:
         except ValueError:
             return False
 
+    @property
+    def tls(self) -> bool:
+        """The main listener speaks TLS whenever it is reachable from off the device."""
+        return not self.loopback
+
     def check(self) -> None:
         """Refuse settings that would expose the API: no auth off the loopback interface."""
         if not self.auth and not self.loopback:
@@ -108,6 +119,7 @@ class Settings:
 ENV: dict[str, tuple[str, str, type]] = {
     "APPLIANCE_HOST": ("server", "host", str),
     "APPLIANCE_PORT": ("server", "port", int),
+    "APPLIANCE_LOCAL_PORT": ("server", "local_port", int),
     "APPLIANCE_AUTH": ("server", "auth", bool),
     "APPLIANCE_MAX_QUEUE": ("server", "max_queue", int),
     "APPLIANCE_PARALLEL": ("chat", "parallel", int),
@@ -192,6 +204,7 @@ def validate(doc: Fields) -> Settings:
     s = Settings(
         host=server.string("host", required=False, default=d.host) or d.host,
         port=integer(server, "port", 1, 65535),
+        local_port=integer(server, "local_port", 0, 65535),
         auth=server.boolean("auth", d.auth),
         allowed_hosts=tuple(server.strings("allowed_hosts", required=False)),
         allowed_origins=tuple(server.strings("allowed_origins", required=False)),
@@ -220,7 +233,15 @@ def validate(doc: Fields) -> Settings:
     )
     for table in (server, chat, hw, limits, models):
         table.done()
+    if s.local_port == s.port and (s.loopback or _wildcard(s.host)):
+        raise server.fail("local_port", f"must differ from port ({s.port}): host {s.host} "
+                                        "already listens on 127.0.0.1")
     if s.kv_cells // (s.parallel + s.prefix_slots) < 64:
         raise chat.fail("kv_cells", f"gives each of the {s.parallel + s.prefix_slots} streams "
                                     "(parallel + prefix_slots) fewer than 64 cells")
     return s
+
+
+def _wildcard(host: str) -> bool:
+    """A bind address that covers 127.0.0.1 too (all interfaces)."""
+    return host in ("", "0.0.0.0", "::")
