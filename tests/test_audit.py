@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,7 +122,15 @@ def test_kill_between_line_and_head_via_checkpoint(tmp_path: Path) -> None:
     its line and before its head; `audit verify` says so and exits 0."""
     root = tmp_path / "root"
     assert run_tool("ctl", root, "apikey", "create", "first").returncode == 0
-    env = {**cli_env(root), "APPLIANCE_KILL_AT": "1"}
+    points = tmp_path / "points"
+    probe = tmp_path / "probe"
+    shutil.copytree(root, probe, symlinks=True)
+    subprocess.run([sys.executable, "-m", "appliance.cli.ctl", "apikey", "create", "two"],
+                   env={**cli_env(probe), "APPLIANCE_CHECKPOINT_LOG": str(points)}, check=True,
+                   capture_output=True)
+    at = next(line.split()[0] for line in points.read_text().splitlines()
+              if "audit line written" in line)
+    env = {**cli_env(root), "APPLIANCE_KILL_AT": at}
     killed = subprocess.run([sys.executable, "-m", "appliance.cli.ctl", "apikey", "create", "two"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert killed.returncode == -signal.SIGKILL

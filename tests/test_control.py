@@ -352,3 +352,65 @@ def test_kill_at_every_checkpoint_leaves_old_or_new(device: Layout, tmp_path: Pa
         assert Store(layout).active("demo") == (1 if new else 2), k
         seen.add(new)
     assert seen == {False, True}
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"name": "../trust"}, "name"),
+    ({"name": "fleet", "sequence": 0}, "sequence"),
+    ({"sequence": "2"}, "sequence"),
+    ({"target": "../../etc"}, "target"),
+    ({"format": 2}, "format 2"),
+    ({"actions": []}, "at least one action"),
+    ({"actions": [add_key()] * 65}, "more than 64"),
+    ({"actions": [{"action": "shell", "command": "id"}]}, "must be one of"),
+    ({"actions": [add_key(name="../../x")]}, "name"),
+    ({"actions": [add_key(sha256="not-a-hash")]}, "sha256"),
+    ({"actions": [add_key(models=["a b"])]}, "models"),
+    ({"actions": [{"action": "activate", "bundle": "../demo", "sequence": 1}]}, "bundle"),
+    ({"actions": [{"action": "trust-rotate", "keys": ["not a key"], "threshold": 1,
+                   "version": 2}]}, "not a PEM"),
+    ({"actions": [{"action": "trust-rotate", "keys": [], "threshold": 1, "version": 2}]},
+     "only 0 keys"),
+    ({"actions": [{"action": "settings", "settings": "host=0.0.0.0"}]}, "must be a table"),
+])
+def test_malformed_documents(device: Layout, tmp_path: Path, signing_key: Ed25519PrivateKey,
+                             change: dict[str, Any], why: str) -> None:
+    actions = change.pop("actions", [add_key()])
+    doc = document(tmp_path, actions, [signing_key], extra=change)
+    before = snapshot(device.root)
+    with pytest.raises(FormatError, match=why):
+        apply(doc, device)
+    assert snapshot(device.root) == before
+
+
+def test_archive_attacks(device: Layout, tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+    """The reader is the bundles' own: a link member, a cut archive, one key signing twice for a
+    threshold of two, and bytes that are no archive are all refused before any change."""
+    good = document(tmp_path, [add_key()], [signing_key]).read_bytes()
+    before = snapshot(device.root)
+    cut = tmp_path / "cut.control"
+    cut.write_bytes(good[:700])
+    junk = tmp_path / "junk.control"
+    junk.write_bytes(b"\x00" * 100 + b"#!/bin/sh\n")
+    for path in (cut, junk):
+        with pytest.raises((FormatError, SignatureError)):
+            apply(path, device)
+    linked = document(tmp_path, [add_key()], [signing_key], name="linked",
+                      members=[("x", b"")])
+    raw = bytearray(linked.read_bytes())
+    at = raw.index(b"x\x00", 1024)  # the third header: make it a symbolic link
+    raw[at + 156] = ord("2")
+    raw[at + 148:at + 156] = b" " * 8
+    raw[at + 148:at + 156] = b"%06o\x00 " % sum(raw[at:at + 512])
+    linked.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match=r"link|follows"):
+        apply(linked, device)
+    with Store(device).locked(), config.change(device) as new:
+        from appliance.device.trust import TrustStore
+        TrustStore(new / "trust").set_threshold(2)
+    twice = document(tmp_path, [add_key()], [signing_key, signing_key], name="twice")
+    with pytest.raises(SignatureError, match="1 trusted signature"):
+        apply(twice, device)
+    assert snapshot(device.root)["var/lib/appliance/config"] != before.get(
+        "var/lib/appliance/config")  # only the threshold change above went live
+    assert "alice" not in apikeys.read(device.api_keys)

@@ -93,10 +93,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     arm64 = Context(load("arm64"), work, work, work, print, None)
     wheel = imagewheels.llama_wheel(arm64)
     out = work / "out"
+    hashes = work / "api-keys"
+    hashes.write_text(f"owner {'0' * 64}\n")  # the owner's key hash: the image has no key
     result = subprocess.run(
         [str(PROJECT / ".venv/bin/appliance-build"), "image", "--target", "jetson",
          "--targets", str(targets), "--llama-wheel", str(wheel), "--out", str(out),
-         "--cache", str(PROJECT / ".cache/image")],
+         "--cache", str(PROJECT / ".cache/image"), "--api-keys", str(hashes)],
         capture_output=True, text=True, cwd=PROJECT)
     print(result.stdout[-3000:])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -153,3 +153,28 @@ def test_usb_import_cli_prints_a_line_per_file_and_the_receipt(
     again = run_tool("ctl", installed.root, "usb-import", "--dir", str(usb))
     assert again.returncode == 1
     assert "fleet-1.control: refused: control fleet 1 is not newer than 1" in again.stderr
+
+
+def test_init_makes_the_identity_once(tmp_path: Path) -> None:
+    """First boot: the seed is copied to the state partition, the identity and the TLS pair
+    are made; every later boot changes nothing and prints the same id and fingerprint."""
+    root = tmp_path / "root"
+    seed = Layout(root).seed
+    (seed / "trust").mkdir(parents=True)
+    (seed / "appliance.toml").write_text('[server]\nhost = "0.0.0.0"\nport = 8443\n')
+    first = run_tool("ctl", root, "init")
+    assert first.returncode == 0, first.stderr
+    assert "configuration copied from" in first.stdout
+    assert "made the device identity" in first.stdout
+    layout = Layout(root)
+    assert layout.config_dir == layout.config_link
+    assert (layout.config_dir / "appliance.toml").read_text() == (
+        seed / "appliance.toml").read_text()
+    assert oct((layout.identity / "device.key").stat().st_mode & 0o777) == "0o600"
+    again = run_tool("ctl", root, "init")
+    assert again.returncode == 0
+    assert again.stdout.splitlines() == first.stdout.splitlines()[-2:]
+    device = identity.device_id(layout)
+    assert again.stdout.startswith(f"device {device}\ncertificate sha256 ")
+    status = json.loads(run_tool("ctl", root, "status", "--json").stdout)["device"]
+    assert status["id"] == device and again.stdout.split()[-1] == status["certificate_sha256"]
