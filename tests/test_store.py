@@ -45,7 +45,10 @@ def test_cleanup_removes_leftovers(installed: Layout) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["1", "current", "trial"]
 
 
-def test_one_operation_at_a_time(installed: Layout, factory: Factory) -> None:
+def test_one_operation_at_a_time(installed: Layout, factory: Factory,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second operation waits for the lock, then gives up with a clear error."""
+    monkeypatch.setattr("appliance.device.store.LOCK_WAIT", 0.5)
     store = Store(installed)
     with store.locked(), pytest.raises(StoreError, match="another bundle operation"):
         import_bundle(factory.bundle(sequence=2), installed)
@@ -131,3 +134,27 @@ def test_rejections_are_audited(installed: Layout, factory: Factory) -> None:
     assert (last["event"], last["result"], last["error"]) == ("import", "rejected",
                                                              "RollbackError")
     assert installed.audit.verify().entries == 2
+
+
+def test_a_second_operation_waits_its_turn(installed: Layout, factory: Factory) -> None:
+    """Two sticks at once, or a stick while a trial is settled: the second one waits."""
+    import threading
+    import time
+
+    store = Store(installed)
+    bundle = factory.bundle(sequence=2)
+    held = threading.Event()
+
+    def hold() -> None:
+        with store.locked():
+            held.set()
+            time.sleep(1.0)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    started = time.monotonic()
+    import_bundle(bundle, installed)
+    holder.join()
+    assert time.monotonic() - started >= 0.8
+    assert store.active("demo") == 2

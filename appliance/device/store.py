@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from appliance.fsutil import atomic_symlink, atomic_write, fsync_dir
 
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
+LOCK_WAIT = 900.0  # an import of a large bundle on a slow stick takes minutes
 DEFAULT_KEEP = 2  # the active sequence and the one before it, for rollback
 
 
@@ -43,15 +45,22 @@ class Store:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
+        """One change of the device at a time. Two sticks, or a stick and a trial being
+        settled, simply take turns: the lock is waited for (up to LOCK_WAIT seconds)."""
         self.layout.state.mkdir(parents=True, exist_ok=True)
         with (self.layout.state / "lock").open("a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreError(
-                    "another bundle operation is running on this device",
-                    hint="wait for it to finish, then try again",
-                ) from None
+            deadline = time.monotonic() + LOCK_WAIT
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreError(
+                            "another bundle operation is running on this device",
+                            hint="wait for it to finish, then try again",
+                        ) from None
+                    time.sleep(0.2)
             yield
 
     def names(self) -> list[str]:
