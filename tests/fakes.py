@@ -320,7 +320,12 @@ def fake_settings(**overrides: Any) -> Settings:
 
 
 def client(runtime: Runtime, settings: Settings) -> tuple[OpenAI, TestClient]:
-    """The official SDK talking to the app in this process (no socket)."""
+    """The official SDK talking to the app in this process (no socket). The app's key ring
+    reads the keys from the live configuration, as on a device: they are written there."""
+    path = runtime.layout.api_keys
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        apikeys.write(path, {k.name: k for k in settings.api_keys})
     http = TestClient(create_app(runtime, settings))
     return OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http,
                   max_retries=0), http

@@ -75,8 +75,8 @@ def test_auth_off_only_on_loopback(tmp_path: Path) -> None:
                                                    "APPLIANCE_HOST": "0.0.0.0"})
     with pytest.raises(UsageError, match="loopback"):
         exposed.check()
-    with pytest.raises(UsageError, match="no API key"):
-        settings.load(Layout(tmp_path), env={}).check()
+    # no key yet is no error: a sealed device waits for one from a stick (401 meanwhile)
+    settings.load(Layout(tmp_path), env={}).check()
 
 
 def test_api_keys_file(tmp_path: Path) -> None:
