@@ -177,12 +177,14 @@ def test_service_self_tests_then_swaps_and_retires(device: Device,
     assert rt.chat(CHAT).fingerprint.endswith("-demo-2")
     assert first.closed  # idle, so retired at once (grace 0 here)
 
-    device.install(3, WRONG)  # validly signed, but its chat check cannot pass
+    device.install(3, {**GOOD, **WRONG})  # validly signed, but its chat check cannot pass
     rt.sync()
     assert rt.serving == {"demo": 2}  # never served
     failed = trial.read_result(device.layout, "demo", 3)
     assert failed is not None and not failed["passed"]
     assert "lacks ['Zanzibar']" in failed["checks"][0]["detail"]
+    # decided by its first failure: the transcription check was not run (a sooner fallback)
+    assert failed["checks"][-1]["detail"] == "not run: an earlier check failed"
     assert device.chats[-1].closed  # its engines were closed again
     [outcome] = [o for o in trial.settle(device.layout) if o.sequence == 3]
     assert outcome.fallback == 2 and device.store.bad("demo") == [3]

@@ -197,7 +197,10 @@ class Runtime:
         store = Store(self.layout)
         on_trial = store.trial(inst.name) == inst.sequence
         if on_trial or inst.sequence in store.bad(inst.name):
-            failed = self._self_test(inst, loaded, publish=on_trial)
+            # a trial with something to fall back to is decided by its first failure: the
+            # remaining checks are skipped, so the fallback comes sooner (minutes on slow CPUs)
+            decided = on_trial and store.last_good(inst.name) is not None
+            failed = self._self_test(inst, loaded, publish=on_trial, stop_on_failure=decided)
             if failed and on_trial and store.last_good(inst.name) is not None:
                 for m in loaded.values():
                     _close(m)
@@ -234,7 +237,7 @@ class Runtime:
             self._loading_path.unlink(missing_ok=True)
 
     def _self_test(self, inst: Installed, loaded: dict[str, LoadedModel],
-                   publish: bool) -> dict[str, str]:
+                   publish: bool, stop_on_failure: bool = False) -> dict[str, str]:
         """Run the signed checks on the variants this device chose; write the result where
         the privileged settle step reads it (the service never writes the store). Returns
         the models that failed, with why."""
@@ -242,6 +245,10 @@ class Runtime:
         results: list[dict[str, Any]] = []
         for model in inst.manifest.models:
             m = loaded[model.id]
+            if stop_on_failure and model.checks and not all(r["passed"] for r in results):
+                results.append(selftest.CheckResult(
+                    model.id, False, "not run: an earlier check failed").to_json())
+                continue
             if m.engine is None:
                 results.append(selftest.CheckResult(model.id, False,
                                                     f"failed to load: {m.error}").to_json())
