@@ -284,22 +284,59 @@ def test_activate_and_rollback(device: Layout, tmp_path: Path, factory: Factory,
 def test_a_crash_after_the_config_went_live_is_finished(device: Layout, tmp_path: Path,
                                                         factory: Factory,
                                                         signing_key: Ed25519PrivateKey) -> None:
-    """The store side of a live document is redone by the next start (`resume`); a pending
-    note for a document that never went live is dropped."""
+    """The store side of a live document is redone by the next start (`resume`); the note of
+    a document whose configuration never went live is dropped, even when another change made
+    a configuration of the same generation number live meanwhile."""
     import_bundle(factory.bundle(sequence=2), device)
     store = Store(device)
-    (device.state / control.PENDING).write_text(tomli_w.dumps({
-        "generation": config.generation(device), "switches": [["rollback", "demo", 1, False]],
-        "resets": []}))
+    with store.locked(), config.change(device) as new:
+        (new / control.TOKEN).write_text("live-doc\n")
+    note = device.state / control.PENDING
+    note.write_text(tomli_w.dumps({"token": "live-doc",
+                                   "switches": [["rollback", "demo", 1, False]], "resets": []}))
     with store.locked():
         assert control.resume(device) == ["bundle demo: rollback to sequence 1"]
-    assert store.active("demo") == 1 and not (device.state / control.PENDING).exists()
-    (device.state / control.PENDING).write_text(tomli_w.dumps({
-        "generation": config.generation(device) + 1,
-        "switches": [["activate", "demo", 2, False]], "resets": []}))
+    assert store.active("demo") == 1 and not note.exists()
+    assert device.audit.entries()[-1]["event"] == "control-resume"
+    note.write_text(tomli_w.dumps({"token": "never-live",
+                                   "switches": [["activate", "demo", 2, False]], "resets": []}))
+    apikeys.create(device, "other")  # a CLI change after the crash: a new generation
     with store.locked():
         assert control.resume(device) == []
-    assert store.active("demo") == 1
+    assert store.active("demo") == 1 and not note.exists()
+    # a switch the store can no longer make is reported and dropped, not retried for ever
+    note.write_text(tomli_w.dumps({"token": "live-doc",
+                                   "switches": [["activate", "demo", 9, False]], "resets": []}))
+    with store.locked(), config.change(device) as new:
+        (new / control.TOKEN).write_text("live-doc\n")
+    with store.locked():
+        assert control.resume(device) == [
+            "bundle demo: activate to sequence 9 skipped (not installed)"]
+    assert not note.exists()
+
+
+def test_what_would_break_the_device_is_refused_before_it_goes_live(
+        device: Layout, tmp_path: Path, factory: Factory,
+        signing_key: Ed25519PrivateKey) -> None:
+    """Found in review: each of these once left a device that no later document could mend."""
+    import_bundle(factory.bundle(sequence=2), device)
+    import_bundle(factory.bundle(sequence=3), device)
+    before = snapshot(device.root)
+    fresh = Ed25519PrivateKey.generate()
+    mixed = [{"action": "trust-rotate", "keys": [pem(signing_key), pem(fresh)], "threshold": 1,
+              "version": 2, "reset": {"demo": 2}},
+             {"action": "activate", "bundle": "demo", "sequence": 3}]
+    with pytest.raises(UsageError, match="may not also switch"):
+        apply(document(tmp_path, mixed, [signing_key, fresh]), device)
+    with pytest.raises(FormatError, match="twice"):
+        apply(document(tmp_path, [add_key(models=["m1", "m1"])], [signing_key]), device)
+    huge = {"action": "settings", "settings": {"server": {
+        "allowed_hosts": [f"host-{i}.example" for i in range(5000)]}}}
+    with pytest.raises(FormatError, match="larger than"):
+        apply(document(tmp_path, [huge], [signing_key]), device)
+    assert snapshot(device.root) == before
+    # the device still takes a good document afterwards
+    apply(document(tmp_path, [add_key()], [signing_key]), device)
 
 
 def test_config_generation_link_is_checked(device: Layout) -> None:

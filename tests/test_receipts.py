@@ -43,8 +43,9 @@ def test_control_first_then_bundles_then_a_receipt(installed: Layout, tmp_path: 
     lines: list[str] = []
     report = stick.process(installed, usb, check_document, say=lines.append)
     assert [r.result for r in report.results] == ["applied", "imported"]
-    assert lines[0].startswith("fleet-1.control: applied control fleet 1")
-    assert lines[1] == "demo-2.bundle: imported demo sequence 2, on trial"
+    assert lines[0].startswith("1 file(s) passed over")  # the link
+    assert lines[1].startswith("fleet-1.control: applied control fleet 1")
+    assert lines[2] == "demo-2.bundle: imported demo sequence 2, on trial"
     assert report.receipt is not None and report.receipt.startswith("appliance-receipts/")
     found = receipt.verify((usb / report.receipt).read_bytes(), "receipt")
     assert found.device == device
@@ -59,6 +60,25 @@ def test_control_first_then_bundles_then_a_receipt(installed: Layout, tmp_path: 
     # nothing else on the stick changed
     assert sorted(p.name for p in usb.iterdir()) == [
         "appliance-receipts", "demo-2.bundle", "fleet-1.control", "notes.txt", "zz-link.control"]
+
+
+def test_a_stick_of_junk_costs_little(installed: Layout, tmp_path: Path) -> None:
+    """Many files, and names that would write to the console: at most MAX_FILES of a kind are
+    looked at, odd names are passed over unprinted, the receipt says how many."""
+    _device(installed)
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    for n in range(stick.MAX_FILES + 10):
+        (usb / f"junk-{n}.control").write_bytes(b"junk")
+    (usb / "\x1b[2Jreceipt written.control").write_bytes(b"junk")
+    lines: list[str] = []
+    report = stick.process(installed, usb, check_document, say=lines.append)
+    assert len(report.results) == stick.MAX_FILES
+    assert report.passed_over == 11
+    assert not any("\x1b" in line for line in lines)
+    assert report.receipt is not None
+    body = receipt.verify((usb / report.receipt).read_bytes(), "r").body
+    assert body["passed_over"] == 11
 
 
 def test_a_second_stick_is_refused_and_says_so(installed: Layout, tmp_path: Path,

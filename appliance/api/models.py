@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -31,8 +32,20 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 
 @router.get("/healthz")
 async def healthz(request: Request) -> JSONResponse:
+    """No key needed, so the LAN learns only the status; the engines and the ids of models
+    that failed to load are for tools on the device itself (loopback)."""
     report = runtime(request).health()
-    return JSONResponse(report, status_code=503 if report["status"] == "unhealthy" else 200)
+    code = 503 if report["status"] == "unhealthy" else 200
+    if not _loopback(request.client.host if request.client else ""):
+        report = {"status": report["status"]}
+    return JSONResponse(report, status_code=code)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @router.get("/metrics")

@@ -156,6 +156,12 @@ def parse(data: bytes, origin: str = "manifest.toml") -> Control:
     return Control(name, sequence, created, target, actions, expires)
 
 
+def _unique(t: Fields, key: str, items: list[str]) -> tuple[str, ...]:
+    if len(set(items)) != len(items):
+        raise t.fail(key, "lists an entry twice")
+    return tuple(items)
+
+
 def _action(t: Fields) -> Action:
     what = t.req_string("action", max_len=32)
     if what not in ACTIONS:
@@ -163,8 +169,8 @@ def _action(t: Fields) -> Action:
     if what == "apikey-add":
         a = Action(what, name=t.req_string("name", pattern=KEY_NAME),
                    sha256=t.req_string("sha256", pattern=SHA256),
-                   models=tuple(t.strings("models", required=False, max_items=64,
-                                          pattern=MODEL_ID)),
+                   models=_unique(t, "models", t.strings("models", required=False,
+                                                         max_items=64, pattern=MODEL_ID)),
                    concurrent=t.integer("concurrent", required=False, lo=0, hi=100_000,
                                         default=0) or 0,
                    per_minute=t.integer("per_minute", required=False, lo=0, hi=100_000,

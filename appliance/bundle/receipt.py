@@ -72,4 +72,26 @@ def verify(data: bytes, origin: str) -> Receipt:
     except InvalidSignature as exc:
         raise SignatureError(f"{origin}: the signature does not match the receipt "
                              "(altered after the device wrote it)") from exc
+    _shape(body, origin)  # signed by its own key is not well-formed: anyone can sign
     return Receipt(device, body)
+
+
+def _shape(body: dict[str, Any], origin: str) -> None:
+    """The fields a reader relies on, with their types."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise FormatError(f"{origin}: {what}")
+
+    need(isinstance(body.get("written"), str), "`written` must be a string")
+    audit = body.get("audit")
+    need(isinstance(audit, dict) and type(audit.get("entries")) is int
+         and isinstance(audit.get("head"), str), "`audit` must hold `entries` and `head`")
+    results = body.get("results")
+    need(isinstance(results, list) and all(
+        isinstance(r, dict) and all(isinstance(r.get(k, ""), str)
+                                    for k in ("file", "kind", "result", "detail"))
+        for r in results), "`results` must be a list of results")
+    status = body.get("status")
+    need(isinstance(status, dict) and isinstance(status.get("bundles"), list) and all(
+        isinstance(b, dict) and isinstance(b.get("name"), str) for b in status["bundles"]),
+        "`status.bundles` must be a list of bundles")

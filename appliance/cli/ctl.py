@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import socket
@@ -379,9 +378,12 @@ def _usb_import(args: argparse.Namespace, layout: Layout) -> int:
         refused = ": refused: " in line
         print(f"stick {stick}: {line}", file=sys.stderr if refused else sys.stdout, flush=True)
 
-    with (actions.mounted(args.device) if args.dir is None
-          else contextlib.nullcontext(args.dir)) as folder:
-        report = stick_mod.process(layout, folder, check_document, args.wait, say)
+    if args.dir is not None:
+        report = stick_mod.process(layout, args.dir, check_document, args.wait, say)
+    else:
+        with actions.mounted(args.device) as stick:
+            report = stick_mod.process(layout, stick.path, check_document, args.wait, say,
+                                       stick.writable)
     if not report.results:
         print(f"stick {stick}: no *.control or *.bundle file", flush=True)
     if report.receipt is not None:
@@ -418,8 +420,12 @@ def _init(args: argparse.Namespace, layout: Layout) -> int:
             with config.change(layout):
                 pass  # the seed, copied as it is
             print(f"configuration copied from {layout.seed}")
-        for line in control.resume(layout):
-            print(f"finished after a restart: {line}")
+        try:
+            for line in control.resume(layout):
+                print(f"finished after a restart: {line}")
+        except ApplianceError as exc:  # the service must start all the same
+            print(f"could not finish an interrupted control document: {exc.message}",
+                  file=sys.stderr)
     if identity.ensure(layout):
         print("made the device identity")
     host = socket.gethostname()

@@ -4,10 +4,12 @@ mount a USB stick. Each action takes the store lock and is audited here, whoever
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.device import config, trial
@@ -69,16 +71,38 @@ def set_threshold(layout: Layout, value: int) -> None:
         layout.audit.append("key-threshold", threshold=value, result="ok")
 
 
-@contextmanager
-def mounted(device: Path) -> Iterator[Path]:
-    """Mount a stick nosuid, nodev, noexec. It is writable only for the receipt, which
-    `appliance.device.stick` writes into its one folder without following links."""
-    with tempfile.TemporaryDirectory(prefix="appliance-usb-") as mnt:
-        done = subprocess.run(["mount", "-o", "rw,nosuid,nodev,noexec,noatime", str(device), mnt],
+@dataclass(frozen=True)
+class Mounted:
+    path: Path
+    device: Path
+
+    def writable(self) -> None:
+        """Remount read-write, only for the receipt, which `appliance.device.stick` writes
+        into its one folder without following links."""
+        done = subprocess.run(["mount", "-o", f"remount,rw,{STICK_OPTIONS}", str(self.path)],
                               capture_output=True, text=True)
         if done.returncode != 0:
-            raise StoreError(f"cannot mount {device}: {done.stderr.strip()}")
-        try:
-            yield Path(mnt)
-        finally:
-            subprocess.run(["umount", mnt], check=False)
+            raise StoreError(f"cannot write to {self.device}: {done.stderr.strip()}")
+
+
+STICK_OPTIONS = "nosuid,nodev,noexec,noatime"
+STICK_TYPES = "vfat,exfat"  # what sticks are formatted with; no other kernel parser is exposed
+
+
+@contextmanager
+def mounted(device: Path) -> Iterator[Mounted]:
+    """Mount a stick read-only, nosuid, nodev, noexec. The mount point is only ever removed
+    empty: if the stick cannot be unmounted, nothing on it is deleted."""
+    mnt = Path(tempfile.mkdtemp(prefix="appliance-usb-"))
+    done = subprocess.run(["mount", "-t", STICK_TYPES, "-o", f"ro,{STICK_OPTIONS}",
+                           str(device), str(mnt)], capture_output=True, text=True)
+    if done.returncode != 0:
+        mnt.rmdir()
+        raise StoreError(f"cannot mount {device}: {done.stderr.strip()}")
+    try:
+        yield Mounted(mnt, device)
+    finally:
+        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        with contextlib.suppress(OSError):
+            mnt.rmdir()

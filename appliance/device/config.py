@@ -77,7 +77,8 @@ def _seal(folder: Path) -> None:
         for name in files:
             path = Path(sub) / name
             shared = path.parent == folder and name in SHARED
-            path.chmod(0o640 if shared else 0o644 if name.endswith(".pub") else 0o600)
+            public = path.parent.name == "trust"  # keys and policy: `status` reads them
+            path.chmod(0o640 if shared else 0o644 if public else 0o600)
             if shared and gid is not None:
                 os.chown(path, -1, gid)
             with path.open("rb") as f:

@@ -13,6 +13,7 @@ once its configuration is live, applied completely.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,8 +33,10 @@ from appliance.faults import checkpoint
 from appliance.fsutil import atomic_write
 from appliance.strict import parse_toml
 
-SettingsCheck = Callable[[dict[str, Any]], None]  # raises FormatError/UsageError when wrong
+# the settings file's bytes, checked as the service will read them; raises when wrong
+SettingsCheck = Callable[[bytes], None]
 PENDING = "control-pending.toml"
+TOKEN = "control-token"  # names the document whose configuration is live
 
 
 @dataclass(frozen=True)
@@ -64,18 +67,14 @@ def apply_file(path: Path, layout: Layout, device_id: str, check_settings: Setti
     """Verify and apply one control document; audited whether applied or refused."""
     store = Store(layout)
     with store.locked():
-        resume(layout)
         try:
-            applied = _apply_locked(path, layout, device_id, check_settings,
-                                    now or datetime.now(UTC))
+            resume(layout)
+            return _apply_locked(path, layout, device_id, check_settings,
+                                 now or datetime.now(UTC))
         except ApplianceError as exc:
             layout.audit.append("control", file=path.name, result="rejected",
                                 error=type(exc).__name__, detail=exc.message)
             raise
-        c = applied.control
-        layout.audit.append("control", file=path.name, result="ok", name=c.name,
-                            sequence=c.sequence, actions=list(applied.done))
-        return applied
 
 
 def _apply_locked(path: Path, layout: Layout, device_id: str, check_settings: SettingsCheck,
@@ -94,17 +93,17 @@ def _apply_locked(path: Path, layout: Layout, device_id: str, check_settings: Se
     if rotation is not None:
         _check_rotation(layout, rotation, manifest_bytes, sig_bytes)
     store = Store(layout)
-    switches = [_check_switch(store, a) for a in c.actions
-                if a.action in ("activate", "rollback")]
     resets = list(rotation.reset) if rotation is not None else []
     for bundle, keep in resets:
-        active = store.active(bundle)
-        if active is not None and active > keep and not any(
-                s <= keep for s in store.sequences(bundle)):
-            raise UsageError(f"bundle {bundle}: nothing installed at or below {keep} to fall "
-                             f"back to from {active}")
+        _check_reset(store, bundle, keep)
+    switches = [_check_switch(store, a) for a in c.actions
+                if a.action in ("activate", "rollback")]
+    if {s[1] for s in switches} & {r[0] for r in resets}:
+        raise UsageError("a document that resets a bundle's high-water mark may not also "
+                         "switch that bundle (send the switch in a later document)")
     done: list[str] = []
     settings_changed = False
+    token = secrets.token_hex(16)
     with config.change(layout) as new:
         trust = TrustStore(new / "trust")
         key_file = new / apikeys.FILE
@@ -132,13 +131,18 @@ def _apply_locked(path: Path, layout: Layout, device_id: str, check_settings: Se
         if not api and _auth_needed(new / "appliance.toml"):
             raise UsageError("this would leave the device without any API key")
         apikeys.write(key_file, api)
+        apikeys.read(key_file)  # what goes live is read back as the service will read it
+        trust.keys()
+        trust.policy()
         (new / "control").mkdir(exist_ok=True)
         (new / "control" / c.name).write_text(f"{c.sequence}\n")
-        pending = {"generation": config.generation(layout) + 1,
-                   "switches": [list(s) for s in switches],
+        (new / TOKEN).write_text(token + "\n")
+        pending = {"token": token, "switches": [list(s) for s in switches],
                    "resets": [list(r) for r in resets]}
         atomic_write(layout.state / PENDING, tomli_w.dumps(pending).encode(), mode=0o600)
         checkpoint("control pending")
+    layout.audit.append("control", file=path.name, result="ok", name=c.name,
+                        sequence=c.sequence, actions=done)
     done += _redo(layout, pending)
     return Applied(c, tuple(done), settings_changed)
 
@@ -177,15 +181,17 @@ def _revoke(trust: TrustStore, keyid: str) -> None:
 
 
 def _settings(path: Path, change: dict[str, Any], check: SettingsCheck) -> None:
-    """Merge the change into the file, table by table; the result is checked as a whole."""
+    """Merge the change into the file, table by table; the result is checked as a whole, as
+    the service will read it (size included)."""
     doc = parse_toml(path.read_text(), str(path)) if path.exists() else {}
     for table, values in change.items():
         if isinstance(values, dict) and isinstance(doc.get(table), dict):
             doc[table] = {**doc[table], **values}
         else:
             doc[table] = values
-    check(doc)
-    path.write_text(tomli_w.dumps(doc))
+    data = tomli_w.dumps(doc).encode()
+    check(data)
+    path.write_bytes(data)
 
 
 def _auth_needed(settings_file: Path) -> bool:
@@ -193,6 +199,20 @@ def _auth_needed(settings_file: Path) -> bool:
         return True
     server = parse_toml(settings_file.read_text(), str(settings_file)).get("server", {})
     return not isinstance(server, dict) or server.get("auth", True) is not False
+
+
+def _check_reset(store: Store, bundle: str, keep: int) -> None:
+    active = store.active(bundle)
+    if active is not None and active > keep and _fallback(store, bundle, keep) is None:
+        raise UsageError(f"bundle {bundle}: nothing good installed at or below {keep} to fall "
+                         f"back to from {active}")
+
+
+def _fallback(store: Store, bundle: str, keep: int) -> int | None:
+    """The newest installed sequence at or below `keep` that did not fail its self-test."""
+    bad = set(store.bad(bundle))
+    return max((s for s in store.sequences(bundle) if s <= keep and s not in bad),
+               default=None)
 
 
 def _check_switch(store: Store, a: ctl.Action) -> tuple[str, str, int, bool]:
@@ -220,30 +240,38 @@ def resume(layout: Layout) -> list[str]:
     if not path.exists():
         return []
     pending = parse_toml(path.read_text(), str(path), StoreError)
-    if pending.get("generation") != config.generation(layout):
+    live = layout.config_dir / TOKEN
+    token = live.read_text().strip() if live.exists() else ""
+    if pending.get("token") != token:
         path.unlink()
         return []
-    return _redo(layout, pending)
+    done = _redo(layout, pending)
+    layout.audit.append("control-resume", result="ok", done=done)
+    return done
 
 
 def _redo(layout: Layout, pending: dict[str, Any]) -> list[str]:
-    """The store side of a live document. Each step may run twice: it sets, never adds."""
+    """The store side of a live document. Each step may run twice: it sets, never adds; a
+    step the store can no longer make is reported and skipped, never retried for ever."""
     store = Store(layout)
     done = []
     for bundle, keep in pending.get("resets", []):
         active = store.active(bundle)
-        if active is not None and active > keep:
-            fallback = max(s for s in store.sequences(bundle) if s <= keep)
+        fallback = _fallback(store, bundle, keep)
+        if active is not None and active > keep and fallback is not None:
             trial.begin(store, bundle, fallback)
             store.activate(bundle, fallback)
         if (store.last_good(bundle) or 0) > keep:
-            store.set_last_good(bundle, store.active(bundle) or 0)
+            store.clear_last_good(bundle)  # the next passing trial sets it again
         for seq in store.sequences(bundle):
-            if seq > keep:
+            if seq > keep and seq != store.active(bundle):
                 store.discard(bundle, seq)
         store.reset_highwater(bundle, keep)
         done.append(f"bundle {bundle}: sequences above {keep} removed, high-water mark {keep}")
     for what, bundle, seq, force in pending.get("switches", []):
+        if seq not in store.sequences(bundle):
+            done.append(f"bundle {bundle}: {what} to sequence {seq} skipped (not installed)")
+            continue
         if store.active(bundle) != seq:
             trial.begin(store, bundle, seq)
             store.activate(bundle, seq)

@@ -17,9 +17,11 @@ Any failure before step 5 leaves the store, the high-water mark and the active b
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -155,12 +157,18 @@ class BundleReader:
 
 
 def open_file(path: Path) -> BinaryIO:
-    if not path.is_file():
-        raise StoreError(f"{path} is not a regular file")
+    """Open a regular file for reading, never through a link (on a stick a link could point
+    anywhere) and never blocking on a FIFO; what is checked is what was opened (fstat)."""
     try:
-        return path.open("rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+        why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+        raise StoreError(f"cannot read {path}: {why}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StoreError(f"{path} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def verify_file(bundle: Path, layout: Layout, progress: Progress | None = None) -> Verified:

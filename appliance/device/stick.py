@@ -30,6 +30,8 @@ from appliance.device.store import Store
 from appliance.errors import ApplianceError, StoreError
 
 _SEQUENCE = re.compile(r"(.*)-([0-9]{1,18})\.(control|bundle)")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+MAX_FILES = 64  # of each kind on one stick: a stick of junk costs seconds, not hours
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class StickReport:
     results: list[StickResult] = field(default_factory=list)
     receipt: str | None = None      # the file written on the stick
     receipt_error: str | None = None
+    passed_over: int = 0            # files not looked at (links, odd names, too many)
 
     @property
     def settings_changed(self) -> bool:
@@ -61,18 +64,38 @@ def _order(path: Path) -> tuple[str, int, str]:
     return (found.group(1), int(found.group(2)), "") if found else (path.name, 0, path.name)
 
 
-def _files(folder: Path, suffix: str) -> list[Path]:
-    return sorted((e for e in folder.iterdir() if e.suffix == suffix and not e.is_symlink()
-                   and e.is_file()), key=_order)
+def _files(folder: Path, suffix: str) -> tuple[list[Path], int]:
+    """The regular files named *suffix at the top of the stick, at most MAX_FILES, with
+    plain names (a name reaches the console and the audit log); and how many were passed over."""
+    found: list[Path] = []
+    passed_over = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.name.endswith(suffix):
+                continue
+            if (len(found) >= MAX_FILES or not SAFE_NAME.fullmatch(entry.name)
+                    or not entry.is_file(follow_symlinks=False)):
+                passed_over += 1
+                continue
+            found.append(Path(entry.path))
+    return sorted(found, key=_order), passed_over
 
 
 def process(layout: Layout, folder: Path, check_settings: control.SettingsCheck,
-            wait: float = 0.0, say: Callable[[str], None] = lambda line: None) -> StickReport:
+            wait: float = 0.0, say: Callable[[str], None] = lambda line: None,
+            writable: Callable[[], None] = lambda: None) -> StickReport:
     """Apply a stick's control documents, import its bundles, wait up to `wait` seconds for
-    their trials to end, and write the receipt. `say` gets one line per file as it is done."""
+    their trials to end, and write the receipt (`writable` is called first: the stick is
+    read-only until then). `say` gets one line per file as it is done."""
     report = StickReport()
     device = identity.device_id(layout) or ""
-    for path in _files(folder, ctl.SUFFIX):
+    controls, skipped = _files(folder, ctl.SUFFIX)
+    bundles, more = _files(folder, ".bundle")
+    report.passed_over = skipped + more
+    if report.passed_over:
+        say(f"{report.passed_over} file(s) passed over: links, odd names, or more than "
+            f"{MAX_FILES} of a kind")
+    for path in controls:
         try:
             applied = control.apply_file(path, layout, device, check_settings)
         except ApplianceError as exc:
@@ -83,7 +106,7 @@ def process(layout: Layout, folder: Path, check_settings: control.SettingsCheck,
                                  c.name, c.sequence, applied.settings_changed)
         report.results.append(result)
         say(_line(result))
-    for path in _files(folder, ".bundle"):
+    for path in bundles:
         try:
             inst = install.import_bundle(path, layout)
         except ApplianceError as exc:
@@ -95,7 +118,8 @@ def process(layout: Layout, folder: Path, check_settings: control.SettingsCheck,
         say(_line(result))
     _wait_for_trials(layout, wait)
     try:
-        report.receipt = write_receipt(layout, folder, report.results)
+        writable()
+        report.receipt = write_receipt(layout, folder, report.results, report.passed_over)
     except (ApplianceError, OSError) as exc:
         report.receipt_error = getattr(exc, "message", None) or str(exc)
     return report
@@ -143,7 +167,8 @@ def status_summary(layout: Layout) -> dict[str, Any]:
             "api_keys": sorted(apikeys.read(layout.api_keys))}
 
 
-def write_receipt(layout: Layout, stick: Path, results: list[StickResult]) -> str:
+def write_receipt(layout: Layout, stick: Path, results: list[StickResult],
+                  passed_over: int = 0) -> str:
     me = identity.load(layout)
     entries, head = layout.audit.head()
     body: dict[str, Any] = {
@@ -153,6 +178,7 @@ def write_receipt(layout: Layout, stick: Path, results: list[StickResult]) -> st
         "software": __version__,
         "results": [{k: v for k, v in asdict(r).items() if v not in (None, "", False)}
                     for r in results],
+        "passed_over": passed_over,
         "status": status_summary(layout),
         "audit": {"entries": entries, "head": head},
     }

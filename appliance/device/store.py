@@ -135,6 +135,9 @@ class Store:
     def set_last_good(self, name: str, sequence: int) -> None:
         self._write_state(name, "last-good", str(sequence))
 
+    def clear_last_good(self, name: str) -> None:
+        self._write_state(name, "last-good", "")
+
     def mark_bad(self, name: str, sequence: int) -> None:
         self.set_bad(name, [*self.bad(name), sequence])
 

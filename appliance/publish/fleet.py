@@ -51,9 +51,14 @@ def scan(folder: Path, names: dict[str, str] | None = None) -> Fleet:
             fleet.invalid.append(exc.message)
             continue
         current = fleet.latest.get(found.device)
-        if current is None or str(found.body.get("written")) > str(current.get("written")):
+        # newest by the device's own audit count: an offline device's clock may be wrong
+        if current is None or _order(found.body) > _order(current):
             fleet.latest[found.device] = found.body
     return fleet
+
+
+def _order(body: dict[str, Any]) -> tuple[int, str]:
+    return body["audit"]["entries"], body["written"]
 
 
 def table(fleet: Fleet) -> str:

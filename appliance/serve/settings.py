@@ -160,9 +160,15 @@ def load(layout: Layout, env: dict[str, str] | None = None) -> Settings:
     return replace(s, api_keys=tuple(apikeys.read(layout.api_keys).values()))
 
 
-def check_document(doc: dict[str, Any]) -> None:
-    """A settings document from a signed control document, before it may go live: the same
-    validator as the file, and the same refusal to expose the API without keys."""
+def check_document(data: bytes) -> None:
+    """A settings file from a signed control document, before it may go live: read by the same
+    rules as the file (size, TOML, every key) and the same refusal to expose the API."""
+    if len(data) > MAX_SETTINGS:
+        raise FormatError(f"the settings would be larger than {MAX_SETTINGS} bytes")
+    try:
+        doc = parse_toml(data.decode("utf-8"), "settings")
+    except UnicodeDecodeError:
+        raise FormatError("the settings are not UTF-8") from None
     validate(Fields(doc, "settings")).check()
 
 
