@@ -131,9 +131,9 @@ def build_bundle(ctx: Context) -> None:
         ctx.inputs["bundle"] = ctx.bundle.name
 
 
+LOCAL_PORT = 8080  # the loopback HTTP listener (console, on-device tools)
 # The initramfs is built once, after every package is in: the kernel's postinst and the
 # initramfs-tools trigger would each build it (five minutes apiece under qemu-user for arm64).
-LOCAL_PORT = 8080  # the loopback HTTP listener (console, on-device tools)
 INITRAMFS_OFF = ('chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs'
                  ' && printf "#!/bin/sh\\nexit 0\\n" > "$1/usr/sbin/update-initramfs"'
                  ' && chmod 755 "$1/usr/sbin/update-initramfs"')
