@@ -68,6 +68,7 @@ def main() -> None:
         work = Path(tmp)
         install_bundle(PROJECT / "bundles" / "demo.toml", work / "root", work)
         sys.path.insert(0, str(PROJECT))
+        from appliance.device.layout import Layout
         from appliance.publish import recipe
         from appliance.publish.fetch import Resolver
         r = recipe.load(PROJECT / "bundles" / "demo.toml")
@@ -77,8 +78,9 @@ def main() -> None:
         results: dict[tuple[str, int], float] = {}
         parity: dict[str, float] = {}
         for quant in ("int8", "fp32"):
-            (work / "root/etc/appliance").mkdir(parents=True, exist_ok=True)
-            (work / "root/etc/appliance/appliance.toml").write_text(
+            config = Layout(work / "root").config  # the live one, once serve() made it
+            config.parent.mkdir(parents=True, exist_ok=True)
+            config.write_text(
                 f'[models]\nquantization = {{ "{MODEL}" = "{quant}" }}\n'
                 f"[hardware]\naux_cores = {max(1, args.threads - 1)}\n")
             proc, base = serve(work / "root", work / f"{quant}.log")

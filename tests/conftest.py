@@ -122,7 +122,7 @@ def start_server(root: Path, demo: tuple[Path, Path], config: str,
     assert imported.returncode == 0, imported.stderr
     created = run_tool("ctl", root, "apikey", "create", "tests")
     assert created.returncode == 0, created.stderr
-    (root / "etc/appliance/appliance.toml").write_text(config)
+    Layout(root).config.write_text(config)  # the live configuration (keys add made it)
     port = free_port()
     full_env = {**cli_env(root), "APPLIANCE_PORT": str(port), **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli.ctl", "serve"], env=full_env,
