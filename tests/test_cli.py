@@ -200,3 +200,14 @@ def test_usb_import_needs_a_device_or_folder(tmp_path: Path) -> None:
     result = run("ctl", tmp_path, "usb-import")
     assert result.returncode == UsageError.exit_code
     assert "error: give a block device" in result.stderr
+
+
+def test_image_api_key_hashes_are_checked_first(tmp_path: Path) -> None:
+    """`--api-keys` takes hashes only, checked before the (long) image build starts."""
+    keys = tmp_path / "api-keys"
+    keys.write_text("owner sk-appliance-this-is-a-key-not-a-hash\n")
+    result = run("build", tmp_path, "image", "--target", "x86_64-cpu", "--out",
+                 str(tmp_path / "out"), "--api-keys", str(keys), "--cache", str(tmp_path / "c"))
+    assert result.returncode == FormatError.exit_code
+    assert result.stderr.count("\n") <= 2 and "api-keys:1" in result.stderr
+    assert not (tmp_path / "out").exists()

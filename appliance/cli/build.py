@@ -31,8 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--out", type=Path, required=True, help="folder for the image and manifest")
     im.add_argument("--key", type=Path, help="publisher key for the preloaded bundle "
                     "(default: a new one, written beside the image)")
-    im.add_argument("--api-key-file", type=Path,
-                    help="the API key to bake in (default: a new one, written beside the image)")
+    im.add_argument("--api-keys", type=Path,
+                    help="API key hashes for the image's seed, `name sha256hex` per line (as "
+                    "`appliance-ctl apikey` keeps them); none: the first control document "
+                    "adds a key")
     im.add_argument("--cache", type=Path, default=Path(".cache/image"),
                     help="built wheels and scratch space (default .cache/image)")
     im.add_argument("--targets", type=Path, default=None,
@@ -72,6 +74,9 @@ def _main(args: argparse.Namespace) -> int:
         from appliance.image import build as image
         from appliance.image import target
         args.cache.mkdir(parents=True, exist_ok=True)
+        if args.api_keys is not None:
+            from appliance.device import apikeys
+            apikeys.read(args.api_keys)  # a typo must not cost an image build
         folder = args.targets.resolve() if args.targets else target.TARGETS
         wheel = args.llama_wheel.resolve() if args.llama_wheel else None
         if wheel is not None and not wheel.is_file():
