@@ -381,9 +381,9 @@ def _usb_import(args: argparse.Namespace, layout: Layout) -> int:
     if args.dir is not None:
         report = stick_mod.process(layout, args.dir, check_document, args.wait, say)
     else:
-        with actions.mounted(args.device) as stick:
-            report = stick_mod.process(layout, stick.path, check_document, args.wait, say,
-                                       stick.writable)
+        with actions.mounted(args.device) as mount:
+            report = stick_mod.process(layout, mount.path, check_document, args.wait, say,
+                                       mount.writable)
     if not report.results:
         print(f"stick {stick}: no *.control or *.bundle file", flush=True)
     if report.receipt is not None:
