@@ -17,7 +17,10 @@ NAMES = ["x86_64-cpu", "x86_64-cuda", "arm64", "jetson"]
 def test_shipped_targets_parse(name: str) -> None:
     t = tg.load(name)
     assert t.name == name and t.packages and t.llama_cmake_args
-    assert "systemd" in t.packages and t.python == "python3.11"
+    # disks on Debian 13 (trixie); the Jetson rootfs on Ubuntu 22.04's python3.11 (universe)
+    assert "systemd" in t.packages
+    assert t.python == ("python3.11" if name == "jetson" else "python3.13")
+    assert t.release == ("jammy" if name == "jetson" else "trixie")
     if t.format is tg.ImageFormat.DISK:
         assert t.esp_mb >= tg.MIN_ESP_MB
 
@@ -54,14 +57,14 @@ def _variant(tmp_path: Path, old: str, new: str) -> None:
     ('hostname = "appliance"', 'hostname = "Bad Host"', "hostname"),
     ('stack = "cpu"', 'stack = "cuda"', "devices must list the GPU device nodes"),
     ("[system]", "[system]\nroot_password = 'x'", "root_password is not a known key"),
-    ('"libgomp1"]', '"libgomp1", "evil; rm -rf /"]', "packages[11]"),
+    ('"libgomp1"]', '"libgomp1", "evil; rm -rf /"]', "packages[12]"),
     ('"-DGGML_NATIVE=OFF"', '"-DGGML_NATIVE=OFF; curl x"', "cmake_args[0]"),
     ('name = "x86_64-cpu"', 'name = "other"', "but the file is x86_64-cpu.toml"),
     ("mdns = true", 'mdns = "yes"', "mdns must be"),
     ("ssh_authorized_keys = []",
      'ssh_authorized_keys = ["ssh-ed25519 AAAA x\\nPermitRootLogin yes"]',
      "ssh_authorized_keys[0]"),
-    ('[base]', '[base]\npython = "python3.11; true"', "python"),
+    ('python = "python3.13"', 'python = "python3.13; true"', "python"),
 ])
 def test_malformed_target(tmp_path: Path, old: str, new: str, message: str) -> None:
     _variant(tmp_path, old, new)
