@@ -73,8 +73,8 @@ def toolkit_problem(ctx: Context) -> ImageError | None:
         return ImageError(
             f"target {t.name} builds llama.cpp with CUDA, which needs cuBLAS headers "
             f"({headers[0]} is missing)",
-            hint="install a CUDA toolkit with cuBLAS of the target's CUDA version (Debian 12: "
-                 "nvidia-cuda-toolkit, CUDA 11.8) or set CUDA_HOME, or pass --llama-wheel with "
+            hint="install a CUDA toolkit with cuBLAS of the target's CUDA version (Debian 13: "
+                 "nvidia-cuda-toolkit, CUDA 12.4) or set CUDA_HOME, or pass --llama-wheel with "
                  "a CUDA wheel built elsewhere")
     cross = cuda / "targets" / f"{t.architecture.uname()}-linux"
     if t.architecture.uname() != os.uname().machine and not cross.is_dir():
