@@ -124,8 +124,9 @@ def systemd_wheel(ctx: Context, version: str) -> Path:
     sources = ctx.work / "sdists"
     run(ctx, *PIP, "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", sources,
         SYSTEMD_PYTHON)
+    # Python 3.12 and later make venvs without setuptools: the build backend comes along
     run(ctx, *PIP, "download", "-q", "--no-deps", "--only-binary", ":all:", "-d", sources,
-        "wheel==0.45.1")
+        "wheel==0.45.1", "setuptools==75.8.0")
     tree = ctx.work / "build-tree"
     py = t.python
     try:  # the build tree goes, whether the build worked or not
@@ -137,7 +138,7 @@ def systemd_wheel(ctx: Context, version: str) -> Path:
         shutil.copytree(sources, tree / "src")
         run(ctx, "chroot", tree, py, "-m", "venv", "/b")
         run(ctx, "chroot", tree, "/b/bin/pip", "install", "-q", "--no-index", "--find-links",
-            "/src", "wheel")
+            "/src", "wheel", "setuptools")
         run(ctx, "chroot", tree, "/b/bin/pip", "wheel", "-q", "--no-index", "--no-deps",
             "--no-build-isolation", "--find-links", "/src", "-w", "/out", SYSTEMD_PYTHON)
         tmp = cached.with_name(cached.name + ".tmp")
