@@ -59,3 +59,14 @@ def test_demo_verify_import_rollback(demo: tuple[Path, Path]) -> None:
     assert run("ctl", root, "bundle", "check", "demo").returncode == 0
     replay = run("ctl", root, "bundle", "import", str(out / "demo-1.bundle"))
     assert replay.returncode == 5 and "must be > installed 2" in replay.stderr
+
+
+def test_self_test_clips_come_out_the_same(tmp_path: Path) -> None:
+    """The clip is part of the signed bundle, which an image preloads: two builds must give
+    the same bytes (sox dithers with random noise unless told not to)."""
+    from appliance.publish.goldens import speak
+    first, second = tmp_path / "a.wav", tmp_path / "b.wav"
+    speak("The quick brown fox jumps over the lazy dog.", first)
+    speak("The quick brown fox jumps over the lazy dog.", second)
+    assert first.read_bytes() == second.read_bytes()
+    assert len(first.read_bytes()) > 16_000  # about 3 s of 16 kHz 16-bit audio

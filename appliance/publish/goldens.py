@@ -116,6 +116,8 @@ def speak(text: str, out: Path) -> None:
     raw = out.with_suffix(".raw.wav")
     subprocess.run([espeak, "-v", "en-us", "-s", "150", "-w", str(raw), text], check=True,
                    capture_output=True)
-    subprocess.run([sox, str(raw), "-r", "16000", "-c", "1", "-b", "16", str(out)],
+    # -D: no dither, which sox would add with random noise: the clip (and with it the signed
+    # manifest, and the image that preloads the bundle) must come out the same every time
+    subprocess.run([sox, "-D", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(out)],
                    check=True, capture_output=True)
     raw.unlink()
