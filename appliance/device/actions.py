@@ -28,9 +28,7 @@ def activate(layout: Layout, name: str, sequence: int, force: bool = False) -> i
 def rollback(layout: Layout, name: str) -> tuple[int, int | None]:
     """Back to the last good sequence, or else the one before the active one: (now active,
     was active)."""
-    store = Store(layout)
-    good, current = store.last_good(name), store.active(name)
-    target = good if good is not None and good != current else store.rollback_target(name)
+    target = Store(layout).rollback_target(name)
     return target, _switch(layout, "rollback", name, target, force=False)
 
 

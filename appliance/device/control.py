@@ -221,10 +221,7 @@ def _check_switch(store: Store, a: ctl.Action) -> tuple[str, str, int, bool]:
     if not installed:
         raise UsageError(f"bundle {a.bundle} is not installed")
     if a.action == "rollback":
-        good, current = store.last_good(a.bundle), store.active(a.bundle)
-        target = (good if good is not None and good != current
-                  else store.rollback_target(a.bundle))
-        return "rollback", a.bundle, target, False
+        return "rollback", a.bundle, store.rollback_target(a.bundle), False
     if a.sequence not in installed:
         raise UsageError(f"bundle {a.bundle} sequence {a.sequence} is not installed")
     if a.sequence in store.bad(a.bundle) and not a.force:

@@ -223,7 +223,11 @@ class Store:
         return previous
 
     def rollback_target(self, name: str) -> int:
+        """The last good sequence when it is not the active one, else the newest older one."""
         current = self.active(name)
+        good = self.last_good(name)
+        if good is not None and good != current:
+            return good
         older = [s for s in self.sequences(name) if current is None or s < current]
         if not older:
             raise UsageError(
