@@ -458,8 +458,13 @@ def test_file_systems_are_clean_and_dated_by_the_build() -> None:
     (SOURCE_DATE_EPOCH), not the clock of the build host."""
     epoch = json.loads((IMAGE.parent / f"{TARGET}.manifest.json").read_text())[
         "source_date_epoch"]
-    esp, root, data = gpt_partitions(IMAGE)
-    assert esp[0] == 34 and root[0] > esp[1] and data[0] > root[1]
+    manifest = json.loads((IMAGE.parent / f"{TARGET}.manifest.json").read_text())
+    parts = gpt_partitions(IMAGE)
+    # ESP, slot A (this version), slot B (empty until a system update), data
+    assert list(parts) == ["esp", f"appliance_{manifest['system_version']}", "_empty", "data"]
+    esp, root, empty, data = parts.values()
+    assert esp[0] == 34 and root[0] > esp[1] and empty[0] > root[1] and data[0] > empty[1]
+    assert empty[1] - empty[0] == root[1] - root[0]
     for first, _ in (root, data):
         check = subprocess.run(["e2fsck", "-fn", f"{IMAGE}?offset={first * 512}"],
                                capture_output=True, text=True)

@@ -230,7 +230,7 @@ def parse(data: bytes, origin: str = "manifest.toml") -> Manifest:
     sequence = doc.req_integer("sequence", lo=1)
     created = doc.timestamp("created")
     expires = doc.timestamp("expires", required=False)
-    files = tuple(_parse_file(f) for f in doc.tables("files", max_items=MAX_FILES))
+    files = tuple(parse_file(f) for f in doc.tables("files", max_items=MAX_FILES))
     models = tuple(_parse_model(m) for m in doc.tables("models", max_items=64))
     doc.done()
     assert created is not None
@@ -239,7 +239,7 @@ def parse(data: bytes, origin: str = "manifest.toml") -> Manifest:
     return manifest
 
 
-def _parse_file(f: Fields) -> FileEntry:
+def parse_file(f: Fields) -> FileEntry:
     path = check_path(f.req_string("path", max_len=MAX_PATH))
     entry = FileEntry(path, f.req_integer("size", hi=MAX_FILE_SIZE),
                       f.req_string("sha256", pattern=SHA256))

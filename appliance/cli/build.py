@@ -43,6 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--llama-wheel", type=Path, default=None,
                     help="a llama-cpp-python wheel built elsewhere (e.g. on a Jetson), "
                     "installed instead of building one")
+    im.add_argument("--system-version", type=int, default=None,
+                    help="the system version (default: SOURCE_DATE_EPOCH or the build time); "
+                    "a device installs only a version above its own")
+    su = sub.add_parser("system-update", help="a signed system update from a root file system, "
+                        "kernel and initrd (an image build writes its own)")
+    su.add_argument("--root", type=Path, required=True, help="the slot's ext4 image")
+    su.add_argument("--kernel", type=Path, required=True)
+    su.add_argument("--initrd", type=Path, required=True)
+    su.add_argument("--version", type=int, required=True, help="IMAGE_VERSION inside the root")
+    su.add_argument("--target", required=True, help="the image target, e.g. x86_64-cpu")
+    su.add_argument("--key", type=Path, action="append", required=True,
+                    help="private signing key (repeat for several signatures)")
+    su.add_argument("--out", type=Path, required=True, help="folder for appliance-os-<v>.system")
     c = sub.add_parser("control", help="build and sign a control document from a spec")
     c.add_argument("spec", type=Path, help="the document's TOML (see docs/control.md)")
     c.add_argument("--key", type=Path, action="append", required=True,
@@ -82,7 +95,8 @@ def _main(args: argparse.Namespace) -> int:
         if wheel is not None and not wheel.is_file():
             raise UsageError(f"--llama-wheel {args.llama_wheel}: no such file")
         built = image.build(target.load(args.target, folder), args.out.resolve(),
-                            args.cache.resolve(), log, args.key, args.api_keys, llama_wheel=wheel)
+                            args.cache.resolve(), log, args.key, args.api_keys, llama_wheel=wheel,
+                            version=args.system_version)
         print(f"{built} ({built.stat().st_size >> 20} MiB)")
         return 0
     if args.command == "receipts":
@@ -91,6 +105,14 @@ def _main(args: argparse.Namespace) -> int:
         print(fleet.table(found))
         return 1 if found.invalid else 0
     signers = [keys.load_private(k) for k in args.key]
+    if args.command == "system-update":
+        from appliance.image import target
+        from appliance.publish import system
+        arch = target.load(args.target).architecture.value
+        path = system.build(args.root, args.kernel, args.initrd, args.version, args.target,
+                            arch, signers, args.out, log)
+        print(f"{path} ({path.stat().st_size >> 20} MiB)")
+        return 0
     if args.command == "control":
         from appliance.publish import control
         path = control.build(args.spec, signers, args.out, args.days)

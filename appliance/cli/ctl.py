@@ -81,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     cs.add_parser("apply", help="verify and apply a control document").add_argument(
         "file", type=Path)
 
+    sy = sub.add_parser("system", help="the A/B system: status, install an update, and the "
+                        "boot-time check and settle (systemd runs those)")
+    sys_sub = sy.add_subparsers(dest="action", required=True)
+    sys_sub.add_parser("status", help="running version, slot, state, pending update")
+    sys_sub.add_parser("install", help="verify a .system file and write it to the inactive "
+                       "slot; the next boot tries it").add_argument("file", type=Path)
+    chk = sys_sub.add_parser("check", help="on a counted boot: is this version good?")
+    chk.add_argument("--timeout", type=float, default=1500.0,
+                     help="seconds to wait for health and self-tests (default 1500)")
+    sys_sub.add_parser("settle", help="audit what became of a pending version (every boot)")
     sub.add_parser("init", help="first boot: the device's identity and TLS certificate, and its "
                    "configuration copied from the image's seed (the image runs it)")
 
@@ -216,7 +226,9 @@ def status_report(layout: Layout) -> dict[str, Any]:
     device = {"id": identity.device_id(layout), "certificate_sha256": None}
     if cert.exists():
         device["certificate_sha256"] = tlscert.fingerprint(cert)
-    return {"root": str(layout.root), "device": device, "bundles": bundles,
+    from appliance.device import system
+    return {"root": str(layout.root), "device": device, "system": system.status(layout),
+            "bundles": bundles,
             "trust": {"keys": list(layout.trust.keys()), "threshold": layout.trust.threshold()},
             "runtime": runtime}
 
@@ -273,6 +285,12 @@ def _status(args: argparse.Namespace, layout: Layout) -> int:
     print(f"device: {device['id'] or 'no identity yet (appliance-ctl init)'}")
     if device["certificate_sha256"]:
         print(f"  certificate sha256 {device['certificate_sha256']}")
+    sysinfo = report["system"]
+    if sysinfo is not None:
+        extra = "".join(f", {k.replace('_', ' ')} {sysinfo[k]}"
+                        for k in ("tries_done", "pending", "last_failed") if k in sysinfo)
+        print(f"system: {sysinfo['version']} ({sysinfo['target']}) from slot {sysinfo['slot']}, "
+              f"{sysinfo['state']}{extra}")
     if not report["bundles"]:
         print("bundles: none installed")
     for b in report["bundles"]:
@@ -393,7 +411,58 @@ def _usb_import(args: argparse.Namespace, layout: Layout) -> int:
         print(f"stick {stick}: no receipt: {report.receipt_error}", file=sys.stderr, flush=True)
     if report.settings_changed and args.restart:
         subprocess.run(["systemctl", "try-restart", "appliance.service"], check=False)
+    if report.system_installed is not None and args.device is not None:
+        _reboot_policy(layout, report.system_installed, say)
     return 1 if any(r.result == "refused" for r in report.results) else 0
+
+
+def _reboot_policy(layout: Layout, version: int, say: Any) -> None:
+    """When a written system version boots: the owner's `[system] update_reboot`."""
+    from appliance.serve import settings
+    try:
+        when = settings.load(layout).update_reboot
+    except ApplianceError:
+        when = "now"  # broken settings must not keep a fix from booting
+    if when == "manual":
+        say(f"system {version} boots at the next restart (update_reboot = manual)")
+        return
+    if when == "now":
+        say(f"rebooting into system {version}")
+        subprocess.run(["systemctl", "reboot", "--no-block"], check=False)
+        return
+    out = subprocess.run(["systemd-run", "--unit=appliance-system-reboot", "--collect",
+                          f"--on-calendar=*-*-* {when}:00", "systemctl", "reboot"],
+                         capture_output=True, text=True)
+    if out.returncode == 0:
+        say(f"system {version} boots at the next {when} (update_reboot)")
+    else:
+        say(f"system {version}: could not schedule the reboot at {when}: "
+            f"{out.stderr.strip()[-200:]}; it boots at the next restart")
+
+
+def _system(args: argparse.Namespace, layout: Layout) -> int:
+    from appliance.device import system
+    if args.action == "status":
+        print(json.dumps(system.status(layout), indent=2))
+        return 0
+    if args.action == "install":
+        store = Store(layout)
+        with store.locked():
+            staged = system.stage(args.file, layout, store)
+            print(f"system {staged.manifest.sequence} verified: writing the inactive slot",
+                  flush=True)
+            seconds = system.install_staged(layout, store, staged)
+        print(f"system {staged.manifest.sequence} written in {seconds} s; the next boot tries it")
+        return 0
+    if args.action == "settle":
+        system.settle(layout, print)
+        return 0
+    from appliance.serve import settings
+    port = settings.load(layout).local_port
+    good = system.check(layout, args.timeout, system.health_probe(port),
+                        system.unit_failed("appliance.service"), system.bless,
+                        lambda line: print(line, flush=True))
+    return 0 if good else 1
 
 
 def _control(args: argparse.Namespace, layout: Layout) -> int:
@@ -440,7 +509,7 @@ def _main(args: argparse.Namespace) -> int:
     layout = Layout.from_env(args.root)
     handler = {"bundle": _bundle, "keys": _keys, "audit": _audit, "status": _status,
                "serve": _serve, "probe": _probe, "apikey": _apikey, "usb-import": _usb_import,
-               "control": _control, "init": _init}
+               "control": _control, "init": _init, "system": _system}
     return handler[args.command](args, layout)
 
 

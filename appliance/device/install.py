@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from appliance.bundle import manifest as mf
 from appliance.bundle import signing
@@ -42,6 +42,16 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 SPACE_MARGIN = 64 * 1024 * 1024
 _PICKLE_OPCODES = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 _ZIP_MAGIC = b"PK\x03\x04"
+
+
+class Payload(Protocol):
+    """What a payload is checked against: a model or a system manifest."""
+
+    @property
+    def by_path(self) -> dict[str, mf.FileEntry]: ...
+
+    @property
+    def total_size(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -93,15 +103,10 @@ class BundleReader:
         """Steps 1-3: signatures over the raw bytes first, then parse; raises on any failure."""
         manifest_bytes, sig_bytes, signers = self.signed()
         manifest = mf.parse(manifest_bytes)
-        now = now or datetime.now(UTC)
-        if manifest.expires is not None and manifest.expires <= now:
-            raise RollbackError(
-                f"bundle {manifest.name} {manifest.sequence} expired {manifest.expires:%Y-%m-%d}",
-                hint="ask the publisher for a current bundle",
-            )
+        check_expiry(manifest.name, manifest.sequence, manifest.expires, now)
         return Verified(manifest, manifest_bytes, sig_bytes, signers)
 
-    def copy_payload(self, manifest: mf.Manifest, dest: Path | None,
+    def copy_payload(self, manifest: Payload, dest: Path | None,
                      progress: Progress | None = None) -> None:
         """Step 4: verify every payload member; write it under `dest` when given."""
         seen: set[str] = set()
@@ -154,6 +159,13 @@ class BundleReader:
         missing = sorted(set(manifest.by_path) - seen)
         if missing:
             raise IntegrityError(f"bundle lacks {len(missing)} listed file(s), e.g. {missing[0]!r}")
+
+
+def check_expiry(name: str, sequence: int, expires: datetime | None,
+                 now: datetime | None = None) -> None:
+    if expires is not None and expires <= (now or datetime.now(UTC)):
+        raise RollbackError(f"bundle {name} {sequence} expired {expires:%Y-%m-%d}",
+                            hint="ask the publisher for a current bundle")
 
 
 def open_file(path: Path) -> BinaryIO:

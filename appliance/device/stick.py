@@ -1,9 +1,11 @@
 """A USB stick, the sealed device's only way in and out: control documents first (a trust
-rotation must apply before the bundles its new keys signed), then model bundles; then, once
-their trials have ended, a receipt signed by the device is written back onto the stick.
+rotation must apply before the bundles its new keys signed), then a system update (the newest
+`*.system`: verified, then written to the inactive slot; the next boot tries it), then model
+bundles; then, once their trials have ended, a receipt signed by the device is written back
+onto the stick.
 
-Nothing on the stick is executed or followed: only regular files at its top named *.control
-or *.bundle are read, each verified before anything changes. The one thing written is a new
+Nothing on the stick is executed or followed: only regular files at its top named *.control,
+*.system or *.bundle are read, each verified before anything changes. The one thing written is a new
 file in `appliance-receipts/` (and the device certificate beside it, for pinning), opened with
 O_NOFOLLOW | O_EXCL relative to that folder, which must be a real folder.
 """
@@ -24,12 +26,13 @@ from typing import Any
 from appliance import __version__
 from appliance.bundle import control as ctl
 from appliance.bundle import receipt
-from appliance.device import apikeys, control, identity, install, tlscert, trial
+from appliance.bundle import system as sy
+from appliance.device import apikeys, control, identity, install, system, tlscert, trial
 from appliance.device.layout import Layout
 from appliance.device.store import Store
 from appliance.errors import ApplianceError, StoreError
 
-_SEQUENCE = re.compile(r"(.*)-([0-9]{1,18})\.(control|bundle)")
+_SEQUENCE = re.compile(r"(.*)-([0-9]{1,18})\.(control|bundle|system)")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 MAX_FILES = 64  # of each kind on one stick: a stick of junk costs seconds, not hours
 
@@ -39,8 +42,8 @@ class StickResult:
     """One file of a stick: what was done with it, or why it was refused."""
 
     file: str
-    kind: str                       # control or model
-    result: str                     # applied, imported or refused
+    kind: str                       # control, system or model
+    result: str                     # applied, installed, imported or refused
     detail: str = ""
     name: str | None = None
     sequence: int | None = None
@@ -57,6 +60,12 @@ class StickReport:
     @property
     def settings_changed(self) -> bool:
         return any(r.settings_changed for r in self.results)
+
+    @property
+    def system_installed(self) -> int | None:
+        """The system version written to the inactive slot, if one was."""
+        done = [r.sequence for r in self.results if r.kind == "system" and r.result == "installed"]
+        return done[0] if done else None
 
 
 def _order(path: Path) -> tuple[str, int, str]:
@@ -83,15 +92,17 @@ def _files(folder: Path, suffix: str) -> tuple[list[Path], int]:
 
 def process(layout: Layout, folder: Path, check_settings: control.SettingsCheck,
             wait: float = 0.0, say: Callable[[str], None] = lambda line: None,
-            writable: Callable[[], None] = lambda: None) -> StickReport:
-    """Apply a stick's control documents, import its bundles, wait up to `wait` seconds for
-    their trials to end, and write the receipt (`writable` is called first: the stick is
-    read-only until then). `say` gets one line per file as it is done."""
+            writable: Callable[[], None] = lambda: None,
+            write_slot: system.Runner = system.start_sysupdate) -> StickReport:
+    """Apply a stick's control documents, install its system update, import its bundles, wait
+    up to `wait` seconds for their trials to end, and write the receipt (`writable` is called
+    first: the stick is read-only until then). `say` gets one line per file as it is done."""
     report = StickReport()
     device = identity.device_id(layout) or ""
     controls, skipped = _files(folder, ctl.SUFFIX)
-    bundles, more = _files(folder, ".bundle")
-    report.passed_over = skipped + more
+    updates, more = _files(folder, sy.SUFFIX)
+    bundles, rest = _files(folder, ".bundle")
+    report.passed_over = skipped + more + rest
     if report.passed_over:
         say(f"{report.passed_over} file(s) passed over: links, odd names, or more than "
             f"{MAX_FILES} of a kind")
@@ -104,6 +115,11 @@ def process(layout: Layout, folder: Path, check_settings: control.SettingsCheck,
             c = applied.control
             result = StickResult(path.name, "control", "applied", "; ".join(applied.done),
                                  c.name, c.sequence, applied.settings_changed)
+        report.results.append(result)
+        say(_line(result))
+    # the newest first: once it is in, an older one on the same stick is a rollback
+    for path in sorted(updates, key=_order, reverse=True):
+        result = _system(layout, path, say, write_slot)
         report.results.append(result)
         say(_line(result))
     for path in bundles:
@@ -125,9 +141,29 @@ def process(layout: Layout, folder: Path, check_settings: control.SettingsCheck,
     return report
 
 
+def _system(layout: Layout, path: Path, say: Callable[[str], None],
+            write_slot: system.Runner) -> StickResult:
+    store = Store(layout)
+    try:
+        with store.locked():
+            staged = system.stage(path, layout, store)
+            version = staged.manifest.sequence
+            say(f"{path.name}: system {version} verified: writing the inactive slot")
+            seconds = system.install_staged(layout, store, staged, write_slot)
+    except ApplianceError as exc:
+        with contextlib.suppress(ApplianceError):
+            layout.audit.append("system-import", file=path.name, result="rejected",
+                                error=type(exc).__name__, detail=exc.message)
+        return StickResult(path.name, "system", "refused", exc.message)
+    return StickResult(path.name, "system", "installed",
+                       f"written in {seconds} s; the next boot tries it", sy.CHANNEL, version)
+
+
 def _line(r: StickResult) -> str:
     if r.result == "refused":
         return f"{r.file}: refused: {r.detail}"
+    if r.kind == "system":
+        return f"{r.file}: installed system {r.sequence}: {r.detail}"
     if r.kind == "control":
         return f"{r.file}: applied control {r.name} {r.sequence}: {r.detail}"
     return f"{r.file}: imported {r.name} sequence {r.sequence}, on trial"
@@ -161,7 +197,7 @@ def status_summary(layout: Layout) -> dict[str, Any]:
             entry["self_test"] = result
         bundles.append(entry)
     trust = layout.trust
-    return {"bundles": bundles,
+    return {"bundles": bundles, "system": system.status(layout),
             "trust": {"version": trust.version(), "threshold": trust.threshold(),
                       "keys": sorted(trust.keys())},
             "api_keys": sorted(apikeys.read(layout.api_keys))}

@@ -23,7 +23,9 @@ import uuid
 from pathlib import Path
 
 from appliance.bundle import keys
+from appliance.bundle import system as sy
 from appliance.device import apikeys
+from appliance.device import system as sysmod
 from appliance.device.install import import_bundle
 from appliance.device.layout import Layout
 from appliance.errors import UsageError
@@ -32,6 +34,7 @@ from appliance.image import wheels as imagewheels
 from appliance.image.context import PROJECT, Context, ImageError, Log, need, run
 from appliance.image.target import Architecture, ImageFormat, Stack, Target
 from appliance.publish import build as bundle_mod
+from appliance.publish import system as system_update
 
 # --- steps ----------------------------------------------------------------------------------
 
@@ -132,6 +135,10 @@ def build_bundle(ctx: Context) -> None:
 
 
 LOCAL_PORT = 8080  # the loopback HTTP listener (console, on-device tools)
+# GPT partition types of a root slot (the Discoverable Partitions Specification), which
+# sysupdate's `MatchPartitionType=root` looks for
+ROOT_TYPES = {Architecture.AMD64: "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
+              Architecture.ARM64: "b921b045-1df0-41c3-af44-4c6f280d3fae"}
 # The initramfs is built once, after every package is in: the kernel's postinst and the
 # initramfs-tools trigger would each build it (five minutes apiece under qemu-user for arm64).
 INITRAMFS_OFF = ('chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs'
@@ -206,9 +213,13 @@ def install_units(ctx: Context) -> None:
         # the vendor's flash tools lay out the partitions and mount the root read-write
         (tree / "etc/fstab").write_text(tmpfs)
     else:
+        # no line for /: the boot entry names the slot (root=PARTLABEL=appliance_<v>) and
+        # mounts it ro; both slots' file systems carry the same label. The ESP is mounted on
+        # demand, for systemd-sysupdate and systemd-bless-boot.
         (tree / "etc/fstab").write_text(
-            "LABEL=appliance-root / ext4 ro,errors=remount-ro 0 1\n"
             "LABEL=appliance-data /var/lib/appliance ext4 defaults,nosuid,nodev,noexec 0 2\n"
+            "PARTLABEL=esp /efi vfat noauto,x-systemd.automount,x-systemd.idle-timeout=30,"
+            "umask=0077,nosuid,nodev,noexec 0 0\n"
             + tmpfs +
             "tmpfs /var/tmp tmpfs nosuid,nodev,mode=1777 0 0\n"
             "tmpfs /var/log tmpfs nosuid,nodev,mode=0755 0 0\n"
@@ -219,6 +230,47 @@ def install_units(ctx: Context) -> None:
     run(ctx, "systemctl", f"--root={tree}", "mask", "systemd-firstboot.service",
         "systemd-networkd-wait-online.service")
     run(ctx, "chroot", tree, "passwd", "--lock", "root")
+
+
+SYSTEM_UNITS = ("appliance-sysupdate.service", "appliance-boot-check.service",
+                "appliance-system-settle.service")
+
+
+def install_system_slots(ctx: Context) -> None:
+    """A/B system slots: the version this image is (os-release's IMAGE_VERSION, which
+    sysupdate protects as the running one), sysupdate's transfer definitions, the check that
+    decides a new version on its counted boot, the settle step of every boot, and a hardware
+    watchdog (a hung boot resets, and the reset costs a try)."""
+    t, tree, v = ctx.target, ctx.tree, ctx.version
+    if t.format is not ImageFormat.DISK:
+        return
+    if not (tree / "usr/lib/systemd/systemd-sysupdate").exists():
+        raise ImageError(f"target {t.name} has no systemd-sysupdate for its A/B slots",
+                         hint="add systemd-container (Debian 13 or later) to its packages")
+    release = tree / "usr/lib/os-release"
+    lines = [line for line in release.read_text().splitlines()
+             if not line.startswith(("IMAGE_ID=", "IMAGE_VERSION="))]
+    release.unlink()  # a regular file of base-files; never write through a link
+    release.write_text("\n".join([*lines, "IMAGE_ID=appliance", f"IMAGE_VERSION={v}"]) + "\n")
+    (tree / sysmod.SYSTEM_TOML).parent.mkdir(parents=True, exist_ok=True)
+    (tree / sysmod.SYSTEM_TOML).write_text(
+        f'version = {v}\ntarget = "{t.name}"\narchitecture = "{t.architecture.value}"\n'
+        f'channel = "{sy.CHANNEL}"\n')
+    transfers = tree / "usr/lib/sysupdate.d"
+    transfers.mkdir(parents=True, exist_ok=True)
+    for transfer in sorted((PROJECT / "systemd/sysupdate.d").glob("*.transfer")):
+        shutil.copy(transfer, transfers / transfer.name)
+    for unit in SYSTEM_UNITS:
+        shutil.copy(PROJECT / "systemd" / unit, tree / "etc/systemd/system" / unit)
+    conf = tree / "etc/systemd/system.conf.d"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "appliance-watchdog.conf").write_text("[Manager]\nRuntimeWatchdogSec=60s\n")
+    (tree / "efi").mkdir(exist_ok=True)  # the root is read-only: the mount point is made here
+    run(ctx, "systemctl", f"--root={tree}", "enable", "appliance-boot-check.service",
+        "appliance-system-settle.service")
+    # sysupdate runs its helpers directly; importd's socket is never needed
+    run(ctx, "systemctl", f"--root={tree}", "mask", "systemd-importd.socket")
+    ctx.inputs["system_version"] = v
 
 
 def install_network(ctx: Context) -> None:
@@ -302,22 +354,24 @@ def make_disk(ctx: Context) -> None:
     esp = ctx.work / "esp"
     (esp / "EFI/BOOT").mkdir(parents=True)
     (esp / "loader/entries").mkdir(parents=True)
+    (esp / "appliance").mkdir()
     efi_name = "BOOTX64.EFI" if t.architecture is Architecture.AMD64 else "BOOTAA64.EFI"
     stub = "x64" if t.architecture is Architecture.AMD64 else "aa64"
     shutil.copy(ctx.tree / f"usr/lib/systemd/boot/efi/systemd-boot{stub}.efi",
                 esp / "EFI/BOOT" / efi_name)
-    kernel = sorted((ctx.tree / "boot").glob("vmlinuz-*"))[-1]
-    initrd = sorted((ctx.tree / "boot").glob("initrd.img-*"))[-1]
+    kernel, initrd = boot_files(ctx)
     image = kernel.read_bytes()
     if image[:2] == b"\x1f\x8b":  # arm64 kernels ship gzipped; the EFI stub needs the Image
         image = gzip.decompress(image)
-    (esp / "vmlinuz").write_bytes(image)
-    shutil.copy(initrd, esp / "initrd.img")
-    console = "ttyS0" if t.architecture is Architecture.AMD64 else "ttyAMA0"
-    (esp / "loader/loader.conf").write_text("default appliance.conf\ntimeout 0\n")
-    (esp / "loader/entries/appliance.conf").write_text(
-        "title appliance\nlinux /vmlinuz\ninitrd /initrd.img\n"
-        f"options root=LABEL=appliance-root ro console={console} quiet systemd.show_status=1\n")
+    v = ctx.version
+    (esp / "appliance" / sy.part_name(v, "vmlinuz")).write_bytes(image)
+    shutil.copy(initrd, esp / "appliance" / sy.part_name(v, "initrd"))
+    # the newest entry that is not bad boots: systemd-boot sorts same-sort-key entries by
+    # version, and puts entries whose tries are spent last
+    (esp / "loader/loader.conf").write_text(
+        "default appliance_*\ntimeout 0\neditor no\nauto-entries no\nauto-firmware no\n")
+    (esp / "loader/entries" / sy.part_name(v, "conf")).write_text(
+        sy.boot_entry(v, t.architecture.value))
     for folder in (ctx.tree, esp):
         clamp_mtimes(folder, ctx.epoch)
     list_tree(ctx)
@@ -325,7 +379,8 @@ def make_disk(ctx: Context) -> None:
     # same inputs can then be compared byte for byte
     ids = {part: uuid.uuid5(uuid.NAMESPACE_URL, f"appliance:{t.name}:{ctx.epoch}:{part}")
            for part in ("disk", "root", "data", "root-seed", "data-seed", "esp-part",
-                        "root-part", "data-part")}
+                        "root-part", "slot-b-part", "data-part")}
+    root_type = ROOT_TYPES[t.architecture]
     serial = ids["disk"].hex[:8]
     files = [p.relative_to(esp).as_posix() for p in esp.rglob("*") if p.is_file()]
     entries = "\n".join(f'    file "{f}" {{ image = "esp/{f}" }}' for f in files)
@@ -355,8 +410,10 @@ image {t.name}.img {{
   hdimage {{ partition-table-type = "gpt" disk-uuid = "{ids['disk']}" }}
   partition esp {{ image = "esp.vfat" partition-type-uuid = "U"
                    partition-uuid = "{ids['esp-part']}" }}
-  partition root {{ image = "root.ext4" partition-type-uuid = "L"
+  partition {slot_name(ctx.version)} {{ image = "root.ext4" partition-type-uuid = "{root_type}"
                     partition-uuid = "{ids['root-part']}" }}
+  partition _empty {{ size = {t.root_mb}M partition-type-uuid = "{root_type}"
+                      partition-uuid = "{ids['slot-b-part']}" }}
   partition data {{ image = "data.ext4" partition-type-uuid = "L"
                     partition-uuid = "{ids['data-part']}" }}
 }}
@@ -369,21 +426,76 @@ image {t.name}.img {{
     settle_inode_times(ctx, ctx.out / f"{t.name}.img")
 
 
-def gpt_partitions(disk: Path) -> list[tuple[int, int]]:
-    """(first, last) sector of each partition in a GPT disk, in table order."""
+def boot_files(ctx: Context) -> tuple[Path, Path]:
+    """The kernel and initrd the tree's packages installed (the newest, if several)."""
+    return (sorted((ctx.tree / "boot").glob("vmlinuz-*"))[-1],
+            sorted((ctx.tree / "boot").glob("initrd.img-*"))[-1])
+
+
+def slot_name(version: int) -> str:
+    """The GPT name of a version's root slot, as systemd-sysupdate names the slot it writes."""
+    return f"appliance_{version}"
+
+
+def make_system_update(ctx: Context) -> None:
+    """The same version as a signed system update (`appliance-os-<v>.system`), for devices
+    already in the field: the root slot exactly as in the disk image, its kernel, initrd and
+    boot entry, signed with the key of the preloaded bundle (one trust root)."""
+    t = ctx.target
+    if t.format is not ImageFormat.DISK:
+        return
+    assert ctx.signing_key is not None
+    disk = ctx.out / f"{t.name}.img"
+    first, last = gpt_partitions(disk)[slot_name(ctx.version)]
+    root = ctx.work / "root.ext4"
+    copy_sparse(disk, first * 512, (last - first + 1) * 512, root)
+    kernel, initrd = boot_files(ctx)
+    for old in ctx.out.glob(f"{sy.CHANNEL}-*{sy.SUFFIX}"):
+        old.unlink()
+    update = system_update.build(root, kernel, initrd, ctx.version, t.name,
+                                 t.architecture.value, [keys.load_private(ctx.signing_key)],
+                                 ctx.out, ctx.log)
+    root.unlink()
+    ctx.inputs["system_update"] = update.name
+
+
+def copy_sparse(src: Path, offset: int, size: int, dest: Path) -> None:
+    """Copy a byte range, leaving holes where the source has zeros (a 3 GiB slot is mostly
+    empty)."""
+    block = 1 << 20
+    zero = bytes(block)
+    with src.open("rb") as f, dest.open("wb") as out:
+        f.seek(offset)
+        left = size
+        while left:
+            chunk = f.read(min(block, left))
+            if not chunk:
+                raise ImageError(f"{src} ends inside the partition at {offset}")
+            if chunk == zero[:len(chunk)]:
+                out.seek(len(chunk), os.SEEK_CUR)
+            else:
+                out.write(chunk)
+            left -= len(chunk)
+        out.truncate(size)
+
+
+def gpt_partitions(disk: Path) -> dict[str, tuple[int, int]]:
+    """(first, last) sector of each partition in a GPT disk, by GPT partition name."""
     with disk.open("rb") as f:
         f.seek(512)
         header = f.read(92)
         table, count, size = struct.unpack("<QII", header[72:88])
         f.seek(table * 512)
         entries = [f.read(size) for _ in range(count)]
-    return [struct.unpack("<QQ", e[32:48]) for e in entries if e[32:48] != bytes(16)]
+    return {e[56:128].decode("utf-16-le").rstrip("\0"): struct.unpack("<QQ", e[32:48])
+            for e in entries if e[32:48] != bytes(16)}
 
 
 def settle_inode_times(ctx: Context, disk: Path) -> None:
     """mke2fs -d copies each file's change and access times from the build tree, where the
     clock kept running: set them to the build time, so two builds give the same bytes."""
-    _, root, data = gpt_partitions(disk)
+    parts = gpt_partitions(disk)
+    root, data = parts[slot_name(ctx.version)], parts["data"]
     state = ctx.tree / "var/lib/appliance"
     for first, top in ((root[0], ctx.tree), (data[0], state)):
         lines = []
@@ -471,13 +583,13 @@ def write_manifest(ctx: Context) -> None:
 
 
 STEPS = [check_host, build_bundle, install_base_tree, build_wheels, install_python_env,
-         install_units, install_network, install_ssh, install_config, preload_bundle, make_disk,
-         write_manifest]
+         install_units, install_system_slots, install_network, install_ssh, install_config,
+         preload_bundle, make_disk, make_system_update, write_manifest]
 
 
 def build(target: Target, out: Path, cache: Path, log: Log,
           signing_key: Path | None = None, api_keys: Path | None = None,
-          llama_wheel: Path | None = None) -> Path:
+          llama_wheel: Path | None = None, version: int | None = None) -> Path:
     """Run every step for `target`; return the image (or rootfs tarball)."""
     if os.geteuid() != 0:
         raise UsageError("building an image needs root (mmdebstrap --mode=root, chroot)")
@@ -488,6 +600,7 @@ def build(target: Target, out: Path, cache: Path, log: Log,
     work = Path(tempfile.mkdtemp(prefix=f"image-{target.name}-", dir=cache))
     ctx = Context(target, out, work, cache, log, signing_key, api_keys=api_keys,
                   llama_wheel=llama_wheel)
+    ctx.version = version or ctx.epoch  # the build time only grows, and is reproducible
     started = time.monotonic()
     try:
         for i, step in enumerate(STEPS, start=1):

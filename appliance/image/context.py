@@ -48,6 +48,7 @@ class Context:
     inputs: dict[str, Any] = field(default_factory=dict)
     llama_wheel: Path | None = None  # a wheel the owner built (e.g. on a Jetson), used as is
     toolkit_missing: ImageError | None = None  # raised by the step that needs the toolkit
+    version: int = 0  # the system version (IMAGE_VERSION, the slot's name)
 
     @property
     def mirrors(self) -> list[str]:

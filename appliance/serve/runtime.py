@@ -108,6 +108,10 @@ class Runtime:
         self._refused: set[tuple[str, int | None]] = set()  # failed trials: not tried again
         self._retiring: list[tuple[float, list[LoadedModel]]] = []
         self._switching: set[str] = set()  # model ids being drained before their successor
+        # a new system version on trial (systemd-boot counts this boot): every active bundle
+        # is self-tested and the results published, for `appliance-ctl system check`
+        from appliance.device import system
+        self.system_trial = system.counted_boot(layout)
         self._swap_lock = threading.Lock()
         self._stop = threading.Event()
         from appliance.engines.lanes import CoreLanes
@@ -196,11 +200,12 @@ class Runtime:
         loaded = {m.id: self._load_tracked(inst, m) for m in inst.manifest.models}
         store = Store(self.layout)
         on_trial = store.trial(inst.name) == inst.sequence
-        if on_trial or inst.sequence in store.bad(inst.name):
+        if on_trial or inst.sequence in store.bad(inst.name) or self.system_trial:
             # a trial with something to fall back to is decided by its first failure: the
             # remaining checks are skipped, so the fallback comes sooner (minutes on slow CPUs)
             decided = on_trial and store.last_good(inst.name) is not None
-            failed = self._self_test(inst, loaded, publish=on_trial, stop_on_failure=decided)
+            failed = self._self_test(inst, loaded, publish=on_trial or self.system_trial,
+                                     stop_on_failure=decided)
             if failed and on_trial and store.last_good(inst.name) is not None:
                 for m in loaded.values():
                     _close(m)

@@ -34,6 +34,9 @@
     max_embedding_inputs = 2048 # inputs in one embeddings request
     max_embedding_tokens = 300000   # tokens in one embeddings request
     max_audio_seconds = 1800    # longest audio accepted for transcription
+    [system]
+    update_reboot = "now"       # after a stick wrote a system update: "now", a daily "HH:MM"
+                                # (local time), or "manual" (it boots at the next power cycle)
 
 Off loopback the API is served over TLS only, with the device's own certificate
 (`identity/tls.crt`, made by `appliance-ctl init`), which clients pin: there is no setting for
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -58,6 +62,7 @@ from appliance.errors import FormatError, UsageError
 from appliance.strict import Fields, parse_toml
 
 MAX_SETTINGS = 64 * 1024
+UPDATE_REBOOT = re.compile(r"now|manual|([01][0-9]|2[0-3]):[0-5][0-9]")
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class Settings:
     max_embedding_inputs: int = 2048
     max_embedding_tokens: int = 300_000
     max_audio_seconds: int = 1800
+    update_reboot: str = "now"
     api_keys: tuple[apikeys.ApiKey, ...] = field(default=(), repr=False)
 
     @property
@@ -188,9 +194,9 @@ def _env_value(var: str, raw: str, kind: type) -> Any:
 def validate(doc: Fields) -> Settings:
     """Every key of the merged settings, checked: types, ranges, no unknown keys."""
     d = Settings()
-    server, chat, hw, limits, models = (
+    server, chat, hw, limits, models, system = (
         doc.table(k, required=False) or Fields({}, "", f"{k}.")
-        for k in ("server", "chat", "hardware", "limits", "models"))
+        for k in ("server", "chat", "hardware", "limits", "models", "system"))
     doc.done()
 
     def integer(t: Fields, key: str, lo: int, hi: int) -> int:
@@ -236,8 +242,10 @@ def validate(doc: Fields) -> Settings:
         max_embedding_inputs=integer(limits, "max_embedding_inputs", 1, 100_000),
         max_embedding_tokens=integer(limits, "max_embedding_tokens", 1, 10_000_000),
         max_audio_seconds=integer(limits, "max_audio_seconds", 1, 86_400),
+        update_reboot=system.string("update_reboot", required=False, default=d.update_reboot,
+                                    pattern=UPDATE_REBOOT) or d.update_reboot,
     )
-    for table in (server, chat, hw, limits, models):
+    for table in (server, chat, hw, limits, models, system):
         table.done()
     if s.local_port == s.port and (s.loopback or _wildcard(s.host)):
         raise server.fail("local_port", f"must differ from port ({s.port}): host {s.host} "
