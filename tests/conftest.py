@@ -93,6 +93,19 @@ def demo_bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return tmp, tmp / "out"
 
 
+@pytest.fixture(scope="session")
+def multilingual_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """As demo_bundles, for bundles/multilingual.toml (whisper base): (folder with k.key and
+    k.pub, folder with multilingual-1.bundle)."""
+    tmp = tmp_path_factory.mktemp("multilingual")
+    assert run_tool("build", tmp, "keygen", "--out", str(tmp / "k")).returncode == 0
+    built = run_tool("build", tmp, "bundle", str(PROJECT / "bundles/multilingual.toml"),
+                     "--key", str(tmp / "k.key"), "--out", str(tmp / "out"),
+                     "--cache", str(PROJECT / ".cache" / "bundle"))
+    assert built.returncode == 0, built.stderr
+    return tmp, tmp / "out"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,11 +128,13 @@ class Server:
 
 
 def start_server(root: Path, demo: tuple[Path, Path], config: str,
-                 env: dict[str, str] | None = None) -> Server:
+                 env: dict[str, str] | None = None,
+                 bundles: tuple[str, ...] = ("demo-1.bundle",)) -> Server:
     keys_dir, out = demo
     assert run_tool("ctl", root, "keys", "add", str(keys_dir / "k.pub")).returncode == 0
-    imported = run_tool("ctl", root, "bundle", "import", str(out / "demo-1.bundle"))
-    assert imported.returncode == 0, imported.stderr
+    for bundle in bundles:
+        imported = run_tool("ctl", root, "bundle", "import", str(out / bundle))
+        assert imported.returncode == 0, imported.stderr
     created = run_tool("ctl", root, "apikey", "create", "tests")
     assert created.returncode == 0, created.stderr
     Layout(root).config.write_text(config)  # the live configuration (keys add made it)

@@ -2,7 +2,8 @@
 
 The form is read with fixed limits and every field is checked by name: an unknown field is a 400,
 not something silently ignored. The upload's file name is never used, as a path or otherwise; the
-format is found from the content.
+format is found from the content. A translation may name the language spoken (`language`, an
+extension: OpenAI's translations detect it); the text is always English.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class _Form:
     def __init__(self, fields: dict[str, Any], translate: bool) -> None:
         self.translate = translate
         self.model = _text(fields, "model", required=True) or ""
-        self.language = None if translate else _text(fields, "language")
+        self.language = _text(fields, "language")  # spoken; for translations too
         if self.language is not None and not (self.language.isalpha()
                                               and 2 <= len(self.language) <= 3):
             raise Unsupported("language", "language must be an ISO-639-1 code such as `en`")

@@ -59,9 +59,9 @@ class TranscribeEngine:
                  compute_type: str = "int8", threads: int = 1,
                  languages: tuple[str, ...] = (), max_queue: int = 64) -> None:
         """Load a CTranslate2 whisper folder. `device` cpu or cuda; `compute_type` int8 (CPU) or
-        float16 (CUDA); `threads` CPU threads per transcription; `languages` the ones the model
-        knows (empty: multilingual); `max_queue` transcriptions admitted at once (decoding or
-        waiting for a core lane) before Busy."""
+        float16 (CUDA); `threads` CPU threads per transcription; `languages` the ones the bundle
+        offers (empty: all the model knows); `max_queue` transcriptions admitted at once
+        (decoding or waiting for a core lane) before Busy."""
         for name in REQUIRED:
             if not (folder / name).is_file():
                 raise FormatError(f"the whisper model folder lacks {name}",
@@ -72,7 +72,9 @@ class TranscribeEngine:
                                   cpu_threads=threads, num_workers=1, local_files_only=True)
         self.lanes = lanes
         self.multilingual = bool(self.model.model.is_multilingual)
-        self.languages = languages or (() if self.multilingual else ("en",))
+        # the bundle may narrow what the model knows; an unknown code is the client's error,
+        # not a ValueError inside faster-whisper (a 500)
+        self.languages = languages or tuple(self.model.supported_languages)
         self.stats = {"requests": 0, "audio_seconds": 0.0}
         self.slots = Slots(max_queue, "transcription")
 
@@ -87,8 +89,9 @@ class TranscribeEngine:
             raise Unsupported("model", "this model is English-only and cannot translate; use "
                                        "/v1/audio/transcriptions, or a multilingual model")
         if language and self.languages and language not in self.languages:
+            known = ", ".join(self.languages[:12]) + (", ..." if len(self.languages) > 12 else "")
             raise Unsupported("language", f"this model does not know the language {language!r}; "
-                                          f"it knows: {', '.join(self.languages)}")
+                                          f"it knows: {known}")
 
     def stream(self, audio: np.ndarray, *, language: str | None, prompt: str | None,
                temperature: float | None, translate: bool,
