@@ -218,8 +218,10 @@ def install_units(ctx: Context) -> None:
         # demand, for systemd-sysupdate and systemd-bless-boot.
         (tree / "etc/fstab").write_text(
             "LABEL=appliance-data /var/lib/appliance ext4 defaults,nosuid,nodev,noexec 0 2\n"
-            "PARTLABEL=esp /efi vfat noauto,x-systemd.automount,x-systemd.idle-timeout=30,"
-            "umask=0077,nosuid,nodev,noexec 0 0\n"
+            # no idle timeout: expiring the mount would stop a sysupdate that requires it
+            # quiet: chmod on FAT succeeds without effect instead of failing a writer that asks
+            "PARTLABEL=esp /efi vfat noauto,x-systemd.automount,umask=0077,quiet,nosuid,nodev,"
+            "noexec 0 0\n"
             + tmpfs +
             "tmpfs /var/tmp tmpfs nosuid,nodev,mode=1777 0 0\n"
             "tmpfs /var/log tmpfs nosuid,nodev,mode=0755 0 0\n"
