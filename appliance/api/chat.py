@@ -24,7 +24,7 @@ from appliance.api.generation import (
     sampling,
     submit,
 )
-from appliance.api.protocol import ChatCompletionRequest, NamedToolChoice
+from appliance.api.protocol import ChatCompletionRequest, NamedToolChoice, refuse_media
 from appliance.api.sse import DONE, sse, sse_error
 from appliance.engines.base import ChatBackend
 from appliance.engines.chat import GenerationRequest
@@ -88,6 +88,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     req.check()
     served = runtime(request).chat(req.model, allowed_models(request))
     engine = served.engine
+    refuse_media(req.messages, served.id)
     check_logit_bias(engine, req)
     check_chars((m.text() for m in req.messages), engine.ctx_per_seq, "messages")
     tools = None

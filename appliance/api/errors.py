@@ -4,8 +4,10 @@ param and headers (appliance/errors.py); framework errors are turned into one fi
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,17 +38,60 @@ def blame(param: str) -> Iterator[None]:
 
 
 def _validation_error(exc: RequestValidationError) -> RequestError:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    found = _relevant(list(exc.errors())) if exc.errors() else [{}]
+    first = found[0]
+    loc = first.get("loc", ())
+    if len(found) > 1:  # no branch of a union took the value: say what each wanted
+        loc = loc[:min(len(e["loc"]) for e in found) - 1]
+    param = ".".join(str(p) for i, p in enumerate(loc)
+                     if p != "body" and not _label(first, i)) or None
     kind = first.get("type", "")
     if kind == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
     elif kind == "json_invalid":
         message, param = "the request body is not valid JSON", None
     else:
-        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        wants = list(dict.fromkeys(_CLASS_NAME.sub("", e.get("msg", "invalid value"))
+                                   for e in found))
+        said = " or ".join([wants[0], *(w.removeprefix("Input should be ") for w in wants[1:])])
+        message = f"{param or 'body'}: {said}"
     return RequestError(message, param=param)
+
+
+# Where a value matches no branch of a union, pydantic reports each branch, and puts the
+# branch's name in the error's location ('str', 'list[TextPart]', 'NamedToolChoice'): never a
+# field the client sent, so it is left out of `param`.
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "bytes", "dict", "list", "none"})
+_CLASS_NAME = re.compile(r" or instance of \w+")
+
+
+def _label(error: Any, i: int) -> bool:
+    loc = error.get("loc", ())
+    item = loc[i] if i < len(loc) else None
+    if not isinstance(item, str) or (error.get("type") == "extra_forbidden"
+                                     and i == len(loc) - 1):
+        return False  # an unknown key the client sent, whatever it looks like
+    return item in _TYPE_NAMES or "[" in item or item[:1].isupper()
+
+
+def _relevant(errors: list[Any], start: int = 0) -> list[Any]:
+    """The errors that say what is wrong with the first bad value. Of a union's branches, the
+    one that got furthest into the value is the one the client meant (a list of content parts,
+    not a string); a value that no branch took at all gets every branch's message."""
+    first = errors[0]
+    loc = first["loc"]
+    for i in range(start, len(loc)):
+        if not _label(first, i):
+            continue
+        site = [e for e in errors if e["loc"][:i] == loc[:i] and _label(e, i)]
+        if len({e["loc"][i] for e in site}) < 2:
+            continue
+        deepest = max(len(e["loc"]) for e in site)
+        if deepest == i + 1:
+            return site
+        branch = next(e["loc"][i] for e in site if len(e["loc"]) == deepest)
+        return _relevant([e for e in site if e["loc"][i] == branch], i + 1)
+    return [first]
 
 
 def install(app: FastAPI) -> None:

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from appliance.errors import Unsupported
 
@@ -27,6 +35,30 @@ class TextPart(Strict):
     text: str
 
 
+class MediaPart(BaseModel):
+    """An image, audio or file part: accepted in any shape, so that the answer can say that
+    the model takes none (a 400 naming the part) rather than how the part is malformed."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url", "input_audio", "file"]
+
+
+MEDIA = {"image_url": "images", "input_audio": "audio input", "file": "files"}
+
+
+def _part_kind(part: Any) -> str | None:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return "TextPart" if kind == "text" else "MediaPart" if kind in MEDIA else None
+
+
+# Dispatched on `type`, so a part is checked against its own kind only (no error per branch).
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("TextPart")] | Annotated[MediaPart, Tag("MediaPart")],
+    Discriminator(_part_kind, custom_error_type="content_part_type",
+                  custom_error_message="a content part's type is text, image_url, input_audio "
+                                       "or file")]
+
+
 class FunctionCall(Strict):
     name: str
     arguments: str
@@ -40,7 +72,7 @@ class ToolCall(Strict):
 
 class Message(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -48,8 +80,18 @@ class Message(Strict):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text for p in self.content if isinstance(p, TextPart))
         return self.content or ""
+
+
+def refuse_media(messages: list[Message], model: str, where: str = "messages") -> None:
+    """Chat models here read text only: an image, audio or file part is a 400 naming it."""
+    for i, m in enumerate(messages):
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if isinstance(part, MediaPart):
+                raise Unsupported(f"{where}.{i}.content.{j}",
+                                  f"the model `{model}` takes no {MEDIA[part.type]} "
+                                  f"({part.type}); send text content parts only")
 
 
 class FunctionDef(Strict):

@@ -1,0 +1,117 @@
+"""The API surface in the fast suite, over fake engines (tests/fakes.py): clean errors for
+content parts and unions, the default answer cap, CORS, tokenize/detokenize, model cards and
+the OpenAPI document. The same routes run against the real models in test_api_surface.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fakes import CHAT, KEY, Fakes, client, fake_runtime, fake_settings
+
+from appliance.serve.runtime import Runtime
+from appliance.serve.settings import Settings
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+HI: Any = [{"role": "user", "content": "Q"}]
+
+
+@pytest.fixture
+def fakes() -> Fakes:
+    return Fakes()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return fake_settings()
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, fakes: Fakes, settings: Settings) -> Iterator[Runtime]:
+    rt = fake_runtime(tmp_path / "root", fakes, settings)
+    yield rt
+    rt.close()
+
+
+@pytest.fixture
+def sdk(runtime: Runtime, settings: Settings) -> openai.OpenAI:
+    return client(runtime, settings)[0]
+
+
+@pytest.fixture
+def http(runtime: Runtime, settings: Settings) -> httpx.Client:
+    return client(runtime, settings)[1]
+
+
+def _error(exc: pytest.ExceptionInfo[openai.APIStatusError]) -> dict[str, Any]:
+    body = exc.value.body
+    assert isinstance(body, dict)
+    return body
+
+
+# --- content parts and other unions -----------------------------------------------------------
+
+@pytest.mark.parametrize(("part", "says"), [
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "takes no images"),
+    ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+     "takes no audio input"),
+    ({"type": "file", "file": {"file_id": "file-1"}}, "takes no files"),
+])
+def test_media_parts_say_the_model_takes_none(sdk: openai.OpenAI, fakes: Fakes,
+                                               part: dict[str, Any], says: str) -> None:
+    content = [{"type": "text", "text": "What is this?"}, part]
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.chat.completions.create(model=CHAT, messages=[
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": content}])
+    body = _error(info)
+    assert body["param"] == "messages.1.content.1"
+    assert body["message"].startswith(f"the model `{CHAT}` {says}"), body
+    assert body["type"] == "invalid_request_error"
+    assert fakes.chat.prompts == []  # nothing reached the engine
+
+
+def test_text_parts_are_joined(sdk: openai.OpenAI, fakes: Fakes) -> None:
+    sdk.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]}])
+    assert fakes.chat.prompts[-1] == "<user>Hello, world"
+
+
+@pytest.mark.parametrize(("change", "param", "message"), [
+    ({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": "x"}]}]},
+     "messages.0.content.0", "a content part's type is text, image_url, input_audio or file"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "messages.0.content.0.text", "Field required"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "lang": "en"}]}]},
+     "messages.0.content.0.lang", "Unrecognized request argument supplied"),
+    ({"messages": [{"role": "user", "content": 5}]},
+     "messages.0.content", "Input should be a valid string or a valid list"),
+    ({"stop": 5}, "stop", "Input should be a valid string or a valid list"),
+    ({"tool_choice": "maybe"}, "tool_choice", "'required' or a valid dictionary"),
+    ({"tool_choice": {"type": "function"}}, "tool_choice.function", "Field required"),
+])
+def test_union_errors_name_the_field_not_the_branch(http: httpx.Client, change: dict[str, Any],
+                                                    param: str, message: str) -> None:
+    r = http.post("/v1/chat/completions", headers=AUTH,
+                  json={"model": CHAT, "messages": HI, **change})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == param, error
+    assert message in error["message"]
+    for noise in ("list[", "str]", "TextPart", "MediaPart", "NamedToolChoice", "tagged-union"):
+        assert noise not in error["message"] and noise not in error["param"]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"model": CHAT, "prompt": [1, 2]}, "prompt.0"),
+    ("/v1/completions", {"model": CHAT, "prompt": {"text": "x"}}, "prompt"),
+    ("/v1/embeddings", {"model": "fake-embed", "input": 5}, "input"),
+])
+def test_union_errors_of_other_routes(http: httpx.Client, path: str, body: dict[str, Any],
+                                      param: str) -> None:
+    r = http.post(path, headers=AUTH, json=body)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == param, error
+    assert "[" not in error["message"], error
