@@ -115,3 +115,32 @@ def test_union_errors_of_other_routes(http: httpx.Client, path: str, body: dict[
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == param, error
     assert "[" not in error["message"], error
+
+
+# --- the default answer cap -------------------------------------------------------------------
+
+def test_default_max_tokens_caps_answers_without_max_tokens(tmp_path: Path, fakes: Fakes) -> None:
+    settings = fake_settings(default_max_tokens=5)
+    rt = fake_runtime(tmp_path / "root", fakes, settings)
+    try:
+        sdk = client(rt, settings)[0]
+        fakes.chat.answers.extend(["abcdefghijkl"] * 3)
+        capped = sdk.chat.completions.create(model=CHAT, messages=HI)
+        assert capped.choices[0].message.content == "abcde"
+        assert capped.choices[0].finish_reason == "length"
+        asked = sdk.chat.completions.create(model=CHAT, messages=HI, max_tokens=8)
+        assert asked.choices[0].message.content == "abcdefgh"  # the client's value wins
+        text = sdk.completions.create(model=CHAT, prompt="x")  # OpenAI's 16, capped at 5
+        assert text.choices[0].text == "abcde" and text.choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError) as info:  # above the context: as before
+            sdk.chat.completions.create(model=CHAT, messages=HI, max_tokens=10_000)
+        assert _error(info)["code"] == "context_length_exceeded"
+    finally:
+        rt.close()
+
+
+def test_completions_keep_openais_default_under_a_larger_cap(sdk: openai.OpenAI,
+                                                             fakes: Fakes) -> None:
+    fakes.chat.answers.append("x" * 40)
+    r = sdk.completions.create(model=CHAT, prompt="x")
+    assert r.usage is not None and r.usage.completion_tokens == 16
