@@ -144,3 +144,88 @@ def test_completions_keep_openais_default_under_a_larger_cap(sdk: openai.OpenAI,
     fakes.chat.answers.append("x" * 40)
     r = sdk.completions.create(model=CHAT, prompt="x")
     assert r.usage is not None and r.usage.completion_tokens == 16
+
+
+# --- CORS -------------------------------------------------------------------------------------
+
+PAGE = "http://chat.lan:3000"
+
+
+@pytest.fixture
+def browser(tmp_path: Path, fakes: Fakes) -> Iterator[httpx.Client]:
+    """The app with one allowed origin, as a browser's requests reach it."""
+    settings = fake_settings(allowed_origins=(PAGE,))
+    rt = fake_runtime(tmp_path / "cors-root", fakes, settings)
+    yield client(rt, settings)[1]
+    rt.close()
+
+
+def _preflight(http: httpx.Client, origin: str, path: str = "/v1/chat/completions",
+               headers: str = "authorization,content-type") -> httpx.Response:
+    """What a browser sends before a POST with an Authorization header: no key, no body."""
+    return http.options(path, headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                       "Access-Control-Request-Headers": headers})
+
+
+def _allowed(r: httpx.Response) -> set[str]:
+    return {h.strip() for h in r.headers["access-control-allow-headers"].split(",")}
+
+
+def test_preflight_of_a_listed_origin_needs_no_key(browser: httpx.Client) -> None:
+    r = _preflight(browser, PAGE, headers="authorization,content-type,x-stainless-os,"
+                                          "x-stainless-retry-count")
+    assert r.status_code == 204 and r.content == b""
+    assert r.headers["access-control-allow-origin"] == PAGE
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert {"authorization", "content-type", "x-api-key", "anthropic-version", "x-stainless-os",
+            "x-stainless-retry-count"} <= _allowed(r)
+    assert "Origin" in r.headers["vary"]
+    assert "access-control-allow-credentials" not in r.headers
+    assert "access-control-allow-private-network" not in r.headers
+    lan = browser.options("/v1/models", headers={
+        "Origin": PAGE, "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Private-Network": "true"})
+    assert lan.headers["access-control-allow-private-network"] == "true"
+
+
+def test_preflight_allows_only_known_headers(browser: httpx.Client) -> None:
+    r = _preflight(browser, PAGE, headers="authorization,x-evil,x-stainless-a\tb")
+    assert r.status_code == 204
+    assert "x-evil" not in _allowed(r) and not any("\t" in h for h in _allowed(r))
+
+
+def test_listed_origin_reads_answers_and_errors(browser: httpx.Client) -> None:
+    body = {"model": CHAT, "messages": HI}
+    ok = browser.post("/v1/chat/completions", json=body,
+                      headers={**AUTH, "Origin": PAGE})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == PAGE
+    assert ok.headers["vary"] == "Origin"
+    assert ok.headers["access-control-expose-headers"] == "Retry-After"
+    streamed = browser.post("/v1/chat/completions", json={**body, "stream": True},
+                            headers={**AUTH, "Origin": PAGE})
+    assert streamed.headers["access-control-allow-origin"] == PAGE
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+    for bad in (browser.post("/v1/chat/completions", json=body, headers={"Origin": PAGE}),
+                browser.get("/v1/nowhere", headers={**AUTH, "Origin": PAGE})):
+        assert bad.status_code in (401, 404)
+        assert bad.headers["access-control-allow-origin"] == PAGE  # the page can read why
+
+
+@pytest.mark.parametrize("origin", ["http://evil.lan", "http://chat.lan:3001", "null",
+                                    PAGE.upper()])
+def test_unlisted_origins_stay_refused(browser: httpx.Client, origin: str) -> None:
+    for r in (_preflight(browser, origin),
+              browser.post("/v1/chat/completions", json={"model": CHAT, "messages": HI},
+                           headers={**AUTH, "Origin": origin})):
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_denied"
+        assert not any(h.startswith("access-control-") for h in r.headers)
+
+
+def test_options_without_a_preflight_is_as_before(browser: httpx.Client,
+                                                  http: httpx.Client) -> None:
+    # no Origin: not a browser's preflight, so the key is asked for, and OPTIONS is no method
+    assert browser.options("/v1/models", headers={
+        "Access-Control-Request-Method": "GET"}).status_code == 401
+    assert browser.options("/v1/models", headers=AUTH).status_code == 405
+    # no origin is allowed by default: a preflight is refused like any cross-origin request
+    assert _preflight(http, PAGE).status_code == 403

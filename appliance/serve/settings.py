@@ -7,7 +7,8 @@
     local_port = 0              # a plain-HTTP listener on 127.0.0.1 for on-device tools (0: none)
     auth = true                 # false is accepted only while host is a loopback address
     allowed_hosts = []          # Host headers accepted besides the bind address and localhost
-    allowed_origins = []        # browser origins allowed to call the API (none by default)
+    allowed_origins = []        # browser origins allowed to call the API, as the browser
+                                # sends them ("http://chat.lan:3000"); none by default
     max_body_mb = 25            # audio uploads
     max_json_kb = 4096          # JSON request bodies (parsed on the event loop: keep it small)
     max_queue = 64              # waiting requests per engine before 503
