@@ -18,6 +18,9 @@ from appliance.serve.settings import Settings
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 HI: Any = [{"role": "user", "content": "Q"}]
+TOOLS: Any = [{"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}}}}}]
 
 
 @pytest.fixture
@@ -229,3 +232,112 @@ def test_options_without_a_preflight_is_as_before(browser: httpx.Client,
     assert browser.options("/v1/models", headers=AUTH).status_code == 405
     # no origin is allowed by default: a preflight is refused like any cross-origin request
     assert _preflight(http, PAGE).status_code == 403
+
+
+# --- tokenize and detokenize ------------------------------------------------------------------
+
+def _post(http: httpx.Client, path: str, body: dict[str, Any], key: str = KEY) -> httpx.Response:
+    return http.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
+
+
+def test_tokenize_text_both_shapes(http: httpx.Client) -> None:
+    """The fake's tokens are code points: the ids can be checked by hand."""
+    for body in ({"content": "Hi!"}, {"prompt": "Hi!", "model": CHAT}):
+        r = _post(http, "/tokenize", body)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"model": CHAT, "tokens": [72, 105, 33], "count": 3,
+                            "max_model_len": 256}
+    pieces = _post(http, "/v1/tokenize", {"content": "Hé", "with_pieces": True}).json()
+    assert pieces["tokens"] == [{"id": 72, "piece": "H"}, {"id": 233, "piece": "é"}]
+
+
+def test_tokenize_messages_counts_what_chat_reports(http: httpx.Client, sdk: openai.OpenAI,
+                                                    fakes: Fakes) -> None:
+    convo: Any = [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "text", "text": "Weather?"}]}]
+    for tools in (None, TOOLS):
+        extra = {"tools": tools} if tools else {}
+        counted = _post(http, "/tokenize", {"model": CHAT, "messages": convo, **extra}).json()
+        usage = sdk.chat.completions.create(model=CHAT, messages=convo, max_tokens=1,
+                                            **extra).usage  # type: ignore[call-overload]
+        assert usage is not None and counted["count"] == usage.prompt_tokens
+        assert "".join(map(chr, counted["tokens"])) == fakes.chat.prompts[-1]
+    assert counted["count"] > len("<system>Be brief.<user>Weather?")  # the tools are in it
+
+
+def test_detokenize_gives_the_text_back(http: httpx.Client) -> None:
+    ids = _post(http, "/tokenize", {"content": "Grüße, 世界"}).json()["tokens"]
+    for path in ("/detokenize", "/v1/detokenize"):
+        r = _post(http, path, {"tokens": ids})
+        assert r.json() == {"model": CHAT, "content": "Grüße, 世界", "prompt": "Grüße, 世界"}
+    assert _post(http, "/detokenize", {"model": CHAT, "tokens": []}).json()["content"] == ""
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param", "says"), [
+    ("/tokenize", {}, 400, "content", "exactly one of content"),
+    ("/tokenize", {"content": "a", "prompt": "b"}, 400, "prompt", "exactly one of content"),
+    ("/tokenize", {"content": "a", "add_special": True, "add_special_tokens": True}, 400,
+     "add_special_tokens", "not both"),
+    ("/tokenize", {"content": "a", "tools": []}, 400, "tools", "goes with messages"),
+    ("/tokenize", {"messages": HI, "add_special_tokens": True}, 400, "add_special_tokens",
+     "chat template decides"),
+    ("/tokenize", {"messages": HI, "add_generation_prompt": False}, 400,
+     "add_generation_prompt", "always ends"),
+    ("/tokenize", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages.0.content.0",
+     "takes no images"),
+    ("/tokenize", {"content": "x" * (256 * 64 + 1)}, 400, "content", "context is 256 tokens"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x" * (256 * 64 + 1)}]}, 400,
+     "messages", "context is 256 tokens"),
+    ("/tokenize", {"content": "a", "model": "nope"}, 404, "model", "does not exist"),
+    ("/tokenize", {"content": "a", "model": "fake-embed"}, 404, "model",
+     "serves embeddings, not chat"),
+    ("/tokenize", {"content": "a", "return_token_strs": True}, 400, "return_token_strs",
+     "Unrecognized"),
+    ("/detokenize", {"tokens": [72, 0x110000]}, 400, "tokens.1", "outside the vocabulary"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens.0", "outside the vocabulary"),
+    ("/detokenize", {"tokens": [72, True]}, 400, "tokens.1", "valid integer"),
+    ("/detokenize", {"tokens": [72.0]}, 400, "tokens.0", "valid integer"),
+    ("/detokenize", {"tokens": [65] * (256 * 64 + 1)}, 400, "tokens", "at most 16384"),
+    ("/detokenize", {"tokens": "72"}, 400, "tokens", "valid list"),
+    ("/detokenize", {"tokens": [1], "model": "fake-whisper"}, 404, "model",
+     "serves transcription"),
+])
+def test_tokenizer_errors(http: httpx.Client, path: str, body: dict[str, Any], status: int,
+                          param: str, says: str) -> None:
+    r = _post(http, path, body)
+    error = r.json()["error"]
+    assert (r.status_code, error["param"]) == (status, param), error
+    assert says in error["message"]
+
+
+def test_tokenizer_routes_need_a_key_and_honour_its_scope(tmp_path: Path, fakes: Fakes) -> None:
+    from appliance.device.apikeys import ApiKey, hash_key
+    keys = (ApiKey("test", hash_key(KEY)), ApiKey("chat", hash_key("sk-c"), models=(CHAT,)),
+            ApiKey("embed", hash_key("sk-e"), models=("fake-embed",)))
+    settings = fake_settings(api_keys=keys)
+    rt = fake_runtime(tmp_path / "root", fakes, settings)
+    try:
+        http = client(rt, settings)[1]
+        for path, body in (("/tokenize", {"content": "a"}), ("/detokenize", {"tokens": [65]})):
+            assert http.post(path, json=body).status_code == 401
+            assert _post(http, path, body, "sk-wrong").status_code == 401
+            assert _post(http, path, body, "sk-c").status_code == 200
+            hidden = _post(http, path, body, "sk-e")
+            assert hidden.status_code == 404 and "no chat model" in hidden.text
+        # a model outside the key's scope is answered as one that does not exist
+        other = _post(http, "/tokenize", {"content": "a", "model": "fake-embed"}, "sk-c")
+        assert other.status_code == 404 and "serves embeddings" not in other.text
+    finally:
+        rt.close()
+
+
+def test_model_is_required_with_several_chat_models(http: httpx.Client,
+                                                    runtime: Runtime) -> None:
+    import dataclasses
+    runtime.models["fake-chat-2"] = dataclasses.replace(runtime.models[CHAT], id="fake-chat-2")
+    r = _post(http, "/tokenize", {"content": "a"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    assert "fake-chat, fake-chat-2" in r.json()["error"]["message"]
+    assert _post(http, "/tokenize", {"content": "a", "model": "fake-chat-2"}).json()[
+        "model"] == "fake-chat-2"

@@ -14,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictInt,
     Tag,
     field_validator,
     model_validator,
@@ -289,3 +290,68 @@ class EmbeddingRequest(Strict):
             raise Unsupported("input", "input must be text, a list of texts, token ids, or "
                                        "a list of non-empty token id lists")
         return [], lists
+
+
+# --- tokenizer routes (llama.cpp's and vLLM's shapes; not in OpenAI's reference) -------------
+
+class TokenizeRequest(Strict):
+    """One of `content` (llama-server), `prompt` or `messages` (vLLM)."""
+
+    model: str | None = Field(None, description=(
+        "A chat model's id; may be left out while the API key sees only one chat model"))
+    content: str | None = Field(None, description=(
+        "Text, tokenized as llama-server does it (no BOS unless add_special)"))
+    prompt: str | None = Field(None, description=(
+        "Text, tokenized as /v1/completions tokenizes a prompt (BOS added by default)"))
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)] | None = (
+        Field(None, description="A conversation, rendered by the model's chat template with "
+                                "the prompt of the answer, as /v1/chat/completions does"))
+    tools: list[Tool] | None = Field(None, description=(
+        "With messages: tools shown to the template, as in chat"))
+    add_special: bool | None = Field(None, description=(
+        "Add the model's special tokens (BOS): default false for content, true for prompt; "
+        "not with messages, where the template decides"))
+    add_special_tokens: bool | None = Field(None, description="vLLM's name for add_special")
+    parse_special: bool = Field(False, description=(
+        "Read special-token text such as <|im_start|> as that token; off by default, as "
+        "/v1/completions reads prompts"))
+    add_generation_prompt: bool = Field(True, description=(
+        "vLLM's flag; the chat template always ends with the answer's prompt here"))
+    with_pieces: bool = Field(False, description=(
+        "llama-server's form: tokens as {id, piece} objects, a piece as text or, where it is "
+        "not whole UTF-8, as its bytes"))
+
+    def check(self) -> None:
+        given = [n for n in ("content", "prompt", "messages") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise Unsupported(given[1] if given else "content",
+                              "give exactly one of content (llama.cpp), prompt or messages "
+                              "(vLLM)")
+        if self.add_special is not None and self.add_special_tokens is not None:
+            raise Unsupported("add_special_tokens", "give add_special or add_special_tokens, "
+                                                    "not both")
+        if self.messages is None:
+            for name in ("tools", "add_generation_prompt"):
+                if name in self.model_fields_set:
+                    raise Unsupported(name, f"{name} goes with messages")
+            return
+        for name in ("add_special", "add_special_tokens", "parse_special"):
+            if getattr(self, name):
+                raise Unsupported(name, f"with messages the chat template decides the special "
+                                        f"tokens: {name} cannot be set")
+        if not self.add_generation_prompt:
+            raise Unsupported("add_generation_prompt", "the chat template always ends with the "
+                                                       "answer's prompt here")
+
+    @property
+    def special(self) -> bool:
+        """Whether to add BOS and the like to text."""
+        asked = self.add_special if self.add_special is not None else self.add_special_tokens
+        return asked if asked is not None else self.prompt is not None
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = Field(None, description=(
+        "A chat model's id; may be left out while the API key sees only one chat model"))
+    tokens: list[StrictInt] = Field(description=(
+        "Token ids of the model's vocabulary; special tokens come back as their text"))
