@@ -341,3 +341,53 @@ def test_model_is_required_with_several_chat_models(http: httpx.Client,
     assert "fake-chat, fake-chat-2" in r.json()["error"]["message"]
     assert _post(http, "/tokenize", {"content": "a", "model": "fake-chat-2"}).json()[
         "model"] == "fake-chat-2"
+
+
+# --- model cards ------------------------------------------------------------------------------
+
+def test_model_cards_say_what_each_model_can_do(sdk: openai.OpenAI) -> None:
+    cards = {m.id: m for m in sdk.models.list()}  # the SDK still parses the list
+    assert list(cards) == [CHAT, "fake-embed", "fake-whisper"]
+    assert all(m.object == "model" and m.owned_by == "demo" and m.created for m in
+               cards.values())
+    chat = (cards[CHAT].model_extra or {})["capabilities"]
+    assert chat == {
+        "task": "chat", "endpoints": ["/v1/chat/completions", "/v1/completions", "/tokenize",
+                                      "/detokenize"],
+        "context_length": 256, "input": ["text"], "tools": True, "json_schema": True,
+        "json_object": True, "logprobs": True, "streaming": True,
+        "limits": {"max_tokens": 256, "default_max_tokens": 256, "max_top_logprobs": 20,
+                   "max_stop": 4, "max_request_kb": 4096}}
+    embed = (cards["fake-embed"].model_extra or {})["capabilities"]
+    assert embed["task"] == "embeddings" and embed["endpoints"] == ["/v1/embeddings"]
+    assert (embed["dimensions"], embed["context_length"]) == (8, 64)
+    assert embed["limits"]["max_inputs"] == 2048
+    whisper = (cards["fake-whisper"].model_extra or {})["capabilities"]
+    assert whisper["endpoints"] == ["/v1/audio/transcriptions"]
+    assert (whisper["languages"], whisper["translation"]) == (["en"], False)
+    assert whisper["limits"] == {"max_upload_mb": 25, "max_audio_seconds": 1800}
+    one = sdk.models.retrieve("fake-whisper")
+    assert (one.model_extra or {})["capabilities"] == whisper
+    assert (one.model_extra or {})["sequence"] == 1
+
+
+def test_a_base_model_card_says_completion(sdk: openai.OpenAI, fakes: Fakes) -> None:
+    fakes.chat.template = False
+    card = (sdk.models.retrieve(CHAT).model_extra or {})["capabilities"]
+    assert card["task"] == "completion" and card["tools"] is False
+    assert "/v1/chat/completions" not in card["endpoints"]
+
+
+def test_a_task_the_cards_do_not_know_yet(sdk: openai.OpenAI, runtime: Runtime) -> None:
+    import dataclasses
+    from enum import StrEnum
+
+    class Later(StrEnum):
+        RERANK = "rerank"
+
+    runtime.models["fake-rerank"] = dataclasses.replace(
+        runtime.models["fake-embed"], id="fake-rerank", task=Later.RERANK)  # type: ignore[arg-type]
+    listed = {m.id: m for m in sdk.models.list()}
+    assert (listed["fake-rerank"].model_extra or {})["capabilities"] == {
+        "task": "rerank", "endpoints": []}
+    assert sdk.models.retrieve("fake-rerank").owned_by == "demo"
