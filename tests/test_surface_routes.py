@@ -391,3 +391,59 @@ def test_a_task_the_cards_do_not_know_yet(sdk: openai.OpenAI, runtime: Runtime) 
     assert (listed["fake-rerank"].model_extra or {})["capabilities"] == {
         "task": "rerank", "endpoints": []}
     assert sdk.models.retrieve("fake-rerank").owned_by == "demo"
+
+
+# --- the OpenAPI document ---------------------------------------------------------------------
+
+def test_openapi_document_is_behind_the_key(http: httpx.Client) -> None:
+    assert http.get("/openapi.json").status_code == 401
+    assert http.get("/openapi.json", headers={"Authorization": "Bearer sk-no"}).status_code == 401
+    for cdn_page in ("/docs", "/redoc"):  # FastAPI's pages load scripts from a CDN: none here
+        assert http.get(cdn_page, headers=AUTH).status_code == 404
+
+
+def test_openapi_document_describes_the_routes(http: httpx.Client) -> None:
+    import jsonschema
+    from referencing import Registry
+    from referencing.jsonschema import DRAFT202012
+
+    from appliance.api.audio import FIELDS
+
+    r = http.get("/openapi.json", headers=AUTH)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    doc = r.json()
+    assert doc["openapi"].startswith("3.1")
+    paths = doc["paths"]
+    assert {"/v1/models", "/v1/models/{model_id}", "/v1/chat/completions", "/v1/completions",
+            "/v1/embeddings", "/v1/audio/transcriptions", "/v1/audio/translations",
+            "/tokenize", "/detokenize", "/healthz", "/metrics"} <= set(paths)
+    assert "/openapi.json" not in paths and "/v1/tokenize" not in paths  # aliases: said once
+    ops = [op for ops in paths.values() for op in ops.values()]
+    assert not any("422" in op["responses"] for op in ops)  # we answer 400, never FastAPI's 422
+    chat = paths["/v1/chat/completions"]["post"]
+    assert chat["responses"]["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"}
+    assert paths["/healthz"]["get"]["security"] == [] and doc["security"] == [{"apiKey": []}]
+    form = paths["/v1/audio/transcriptions"]["post"]["requestBody"]["content"][
+        "multipart/form-data"]["schema"]
+    assert set(form["properties"]) == FIELDS  # the fields the route reads, no more, no less
+    schemas = doc["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas
+    assert "default_max_tokens" in schemas["ChatCompletionRequest"]["properties"][
+        "max_tokens"]["description"]
+    undescribed = [k for k, v in schemas["TokenizeRequest"]["properties"].items()
+                   if not v.get("description")]
+    assert undescribed == []
+    # the schemas are JSON Schema 2020-12, and they say what the route accepts
+    for schema in schemas.values():
+        jsonschema.Draft202012Validator.check_schema(schema)
+    registry = Registry().with_resource("urn:doc", DRAFT202012.create_resource(doc))
+    validator = jsonschema.Draft202012Validator(
+        {"$ref": "urn:doc#/components/schemas/ChatCompletionRequest"}, registry=registry)
+    good = {"model": CHAT, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Q"}]}], "max_tokens": 5}
+    assert validator.is_valid(good)
+    assert http.post("/v1/chat/completions", json=good, headers=AUTH).status_code == 200
+    for bad in ({**good, "frobnicate": 1}, {**good, "max_tokens": 0}, {"model": CHAT}):
+        assert not validator.is_valid(bad)
+        assert http.post("/v1/chat/completions", json=bad, headers=AUTH).status_code == 400

@@ -11,7 +11,16 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from appliance.api import audio, chat, completions, embeddings, errors, models, tokens
+from appliance.api import (
+    audio,
+    chat,
+    completions,
+    embeddings,
+    errors,
+    models,
+    openapi,
+    tokens,
+)
 from appliance.api.guard import Guard
 from appliance.api.keyring import KeyRing
 from appliance.serve.runtime import Runtime
@@ -31,6 +40,6 @@ def create_app(runtime: Runtime, settings: Settings) -> Any:
     app.state.runtime = runtime
     app.state.settings = settings
     errors.install(app)
-    for family in (models, chat, completions, embeddings, audio, tokens):
+    for family in (models, chat, completions, embeddings, audio, tokens, openapi):
         app.include_router(family.router)
     return Guard(app, settings, KeyRing(runtime.layout, settings.api_keys))

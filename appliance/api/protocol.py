@@ -155,21 +155,27 @@ class Sampled(Strict):
     """Parameters shared by chat and completions."""
 
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    n: int | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, description="Bias added to the logits of token ids (keys), -100 to 100")
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(default=None, description=(
+        "Most tokens to generate. Without it: chat stops at the server's default_max_tokens "
+        "(see the model card), completions at 16; a value beyond the context is a 400"))
+    n: int | None = Field(default=None, description="Only 1: send separate requests for more")
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = False
+    seed: int | None = Field(default=None, description="Makes sampling repeatable")
+    stop: str | list[str] | None = Field(default=None, description=(
+        f"Up to {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters"))
+    stream: bool | None = Field(default=False, description="Send the answer as server-sent events")
     stream_options: StreamOptions | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = Field(default=None, description=(
+        "0 is greedy; default 1"))
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    user: str | None = None
+    user: str | None = Field(default=None, description="Accepted and not used")
     # --- extensions (llama.cpp and vLLM accept these too) ---
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = Field(default=None, description="0: off")
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=4)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=4)] | None = Field(
+        default=None, description="llama.cpp's repeat penalty over the last 64 tokens; 1: off")
 
     @field_validator("stop")
     @classmethod
@@ -197,23 +203,30 @@ class Sampled(Strict):
 
 
 class ChatCompletionRequest(Sampled):
-    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
-    model: str
-    audio: Any | None = None
-    logprobs: bool | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)] = Field(
+        description="The conversation; content is text or text parts (this server's chat "
+                    "models take no images, audio or files)")
+    model: str = Field(description="A chat model's id (GET /v1/models)")
+    audio: Any | None = Field(default=None, description="Not supported (400)")
+    logprobs: bool | None = Field(default=None, description="Log probabilities of the tokens")
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(default=None, description=(
+        "OpenAI's newer name for max_tokens"))
     metadata: dict[str, str] | None = None
-    modalities: list[str] | None = None
+    modalities: list[str] | None = Field(default=None, description='Only ["text"]')
     parallel_tool_calls: bool | None = None
-    prediction: Any | None = None
-    reasoning_effort: str | None = None
-    response_format: ResponseFormat | None = None
+    prediction: Any | None = Field(default=None, description="Not supported (400)")
+    reasoning_effort: str | None = Field(default=None, description="Not supported (400)")
+    response_format: ResponseFormat | None = Field(default=None, description=(
+        "json_object or json_schema: the answer is held to it by a grammar"))
     service_tier: str | None = None
-    store: bool | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    tools: list[Tool] | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    web_search_options: Any | None = None
+    store: bool | None = Field(default=None, description="Nothing is stored: true is a 400")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="required or a named function is enforced by a grammar")
+    tools: list[Tool] | None = Field(default=None, description=(
+        "Functions the model may call; a call comes back in message.tool_calls"))
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(default=None, description=(
+        "Alternatives per token, with logprobs"))
+    web_search_options: Any | None = Field(default=None, description="Not supported (400)")
 
     def check(self) -> None:
         self.check_common()
@@ -243,12 +256,14 @@ class ChatCompletionRequest(Sampled):
 
 
 class CompletionRequest(Sampled):
-    model: str
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
-    best_of: int | None = None
-    echo: bool | None = False
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    suffix: str | None = None
+    model: str = Field(description="A chat model's id (GET /v1/models); base models too")
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)] = Field(
+        description="Text to continue, or up to 64 of them (one choice each)")
+    best_of: int | None = Field(default=None, description="Only 1")
+    echo: bool | None = Field(default=False, description="Put the prompt before the answer")
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(default=None, description=(
+        "Alternatives per token (0: the chosen token's only)"))
+    suffix: str | None = Field(default=None, description="Not supported (400)")
 
     def check(self) -> None:
         self.check_common()
@@ -265,10 +280,13 @@ class CompletionRequest(Sampled):
 
 
 class EmbeddingRequest(Strict):
-    input: str | list[str] | list[int] | list[list[int]]
-    model: str
-    dimensions: Annotated[int, Field(ge=1)] | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    input: str | list[str] | list[int] | list[list[int]] = Field(description=(
+        "A text, texts, token ids, or lists of token ids (limits: the model card)"))
+    model: str = Field(description="An embeddings model's id (GET /v1/models)")
+    dimensions: Annotated[int, Field(ge=1)] | None = Field(default=None, description=(
+        "Fewer dimensions than the model's: the first ones, renormalised"))
+    encoding_format: Literal["float", "base64"] = Field(default="float", description=(
+        "base64: little-endian float32"))
     user: str | None = None
 
     def items(self) -> tuple[list[str], list[list[int]]]:
@@ -297,27 +315,27 @@ class EmbeddingRequest(Strict):
 class TokenizeRequest(Strict):
     """One of `content` (llama-server), `prompt` or `messages` (vLLM)."""
 
-    model: str | None = Field(None, description=(
+    model: str | None = Field(default=None, description=(
         "A chat model's id; may be left out while the API key sees only one chat model"))
-    content: str | None = Field(None, description=(
+    content: str | None = Field(default=None, description=(
         "Text, tokenized as llama-server does it (no BOS unless add_special)"))
-    prompt: str | None = Field(None, description=(
+    prompt: str | None = Field(default=None, description=(
         "Text, tokenized as /v1/completions tokenizes a prompt (BOS added by default)"))
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)] | None = (
-        Field(None, description="A conversation, rendered by the model's chat template with "
-                                "the prompt of the answer, as /v1/chat/completions does"))
-    tools: list[Tool] | None = Field(None, description=(
+        Field(default=None, description="A conversation, rendered by the model's chat template "
+                                        "as /v1/chat/completions does"))
+    tools: list[Tool] | None = Field(default=None, description=(
         "With messages: tools shown to the template, as in chat"))
-    add_special: bool | None = Field(None, description=(
+    add_special: bool | None = Field(default=None, description=(
         "Add the model's special tokens (BOS): default false for content, true for prompt; "
         "not with messages, where the template decides"))
-    add_special_tokens: bool | None = Field(None, description="vLLM's name for add_special")
-    parse_special: bool = Field(False, description=(
+    add_special_tokens: bool | None = Field(default=None, description="vLLM's name for add_special")
+    parse_special: bool = Field(default=False, description=(
         "Read special-token text such as <|im_start|> as that token; off by default, as "
         "/v1/completions reads prompts"))
-    add_generation_prompt: bool = Field(True, description=(
+    add_generation_prompt: bool = Field(default=True, description=(
         "vLLM's flag; the chat template always ends with the answer's prompt here"))
-    with_pieces: bool = Field(False, description=(
+    with_pieces: bool = Field(default=False, description=(
         "llama-server's form: tokens as {id, piece} objects, a piece as text or, where it is "
         "not whole UTF-8, as its bytes"))
 
@@ -351,7 +369,7 @@ class TokenizeRequest(Strict):
 
 
 class DetokenizeRequest(Strict):
-    model: str | None = Field(None, description=(
+    model: str | None = Field(default=None, description=(
         "A chat model's id; may be left out while the API key sees only one chat model"))
     tokens: list[StrictInt] = Field(description=(
         "Token ids of the model's vocabulary; special tokens come back as their text"))
