@@ -173,3 +173,23 @@ def test_openapi_document(http: httpx.Client, server: Server) -> None:
     assert httpx.get(f"{server.base}/openapi.json").status_code == 401
     doc = http.get("/openapi.json").json()
     assert {"/v1/chat/completions", "/tokenize", "/detokenize"} <= set(doc["paths"])
+
+
+def test_multilingual_whisper_card(tmp_path_factory: pytest.TempPathFactory,
+                                   multilingual_bundle: tuple[Path, Path]) -> None:
+    """whisper base (bundles/multilingual.toml): its card names its languages and the
+    translations route; with no chat model served, /tokenize says so."""
+    srv = start_server(tmp_path_factory.mktemp("multi") / "root", multilingual_bundle, "",
+                       bundles=("multilingual-1.bundle",))
+    try:
+        sdk = openai.OpenAI(base_url=f"{srv.base}/v1", api_key=srv.key, max_retries=0)
+        caps = _caps(sdk.models.retrieve("whisper-base"))
+        assert caps["task"] == "transcription" and caps["translation"] and caps["multilingual"]
+        assert caps["endpoints"] == ["/v1/audio/transcriptions", "/v1/audio/translations"]
+        assert {"en", "de", "fr", "ja", "sw"} <= set(caps["languages"])
+        assert len(caps["languages"]) >= 99
+        none = httpx.post(f"{srv.base}/tokenize", json={"content": "x"},
+                          headers={"Authorization": f"Bearer {srv.key}"})
+        assert none.status_code == 404 and "no chat model" in none.json()["error"]["message"]
+    finally:
+        srv.stop()

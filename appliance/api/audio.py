@@ -257,9 +257,10 @@ def _form_doc(translate: bool) -> dict[str, Any]:
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
         "stream": {"type": "boolean", "description": "text deltas as server-sent events"},
         "timestamp_granularities[]": {"type": "array", "items": {"enum": ["word", "segment"]},
-                                      "description": "with verbose_json"}}
-    if not translate:  # a translation is always into English
-        fields["language"] = {"type": "string", "description": "ISO-639-1, such as en"}
+                                      "description": "with verbose_json"},
+        "language": {"type": "string", "description": (
+            "The language spoken, ISO-639-1 such as de (otherwise detected); the text is "
+            "always English" if translate else "ISO-639-1, such as en")}}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file", "model"], "properties": fields}}}}}
 

@@ -64,8 +64,7 @@ def _transcription(engine: TranscribeBackend, s: Settings) -> dict[str, Any]:
     return {
         "endpoints": ["/v1/audio/transcriptions",
                       *(["/v1/audio/translations"] if engine.multilingual else [])],
-        # empty for a multilingual model not limited by its bundle: any language whisper knows
-        "languages": list(engine.languages),
+        "languages": list(engine.languages),  # spoken; the bundle may narrow the model's
         "multilingual": engine.multilingual,
         "translation": engine.multilingual,  # into English
         "response_formats": list(FORMATS),

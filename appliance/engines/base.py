@@ -68,7 +68,7 @@ class EmbedBackend(Engine, Protocol):
 
 class TranscribeBackend(Engine, Protocol):
     multilingual: bool
-    languages: tuple[str, ...]  # the ones it takes; empty: any that whisper knows
+    languages: tuple[str, ...]  # the ones it takes (language codes)
 
     def check(self, language: str | None, translate: bool) -> None: ...
 
