@@ -38,13 +38,17 @@ def blame(param: str) -> Iterator[None]:
 
 
 def _validation_error(exc: RequestValidationError) -> RequestError:
-    found = _relevant(list(exc.errors())) if exc.errors() else [{}]
+    errors = []
+    for e in exc.errors():
+        loc = tuple(e.get("loc", ()))
+        loc = loc[1:] if loc[:1] == ("body",) else loc
+        errors.append({**e, "loc": loc, "labels": _labels(loc, e.get("type"), exc.body)})
+    found = _relevant(errors) if errors else [{"loc": (), "labels": set()}]
     first = found[0]
-    loc = first.get("loc", ())
+    loc = first["loc"]
     if len(found) > 1:  # no branch of a union took the value: say what each wanted
         loc = loc[:min(len(e["loc"]) for e in found) - 1]
-    param = ".".join(str(p) for i, p in enumerate(loc)
-                     if p != "body" and not _label(first, i)) or None
+    param = ".".join(str(p) for i, p in enumerate(loc) if i not in first["labels"]) or None
     kind = first.get("type", "")
     if kind == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
@@ -61,17 +65,21 @@ def _validation_error(exc: RequestValidationError) -> RequestError:
 # Where a value matches no branch of a union, pydantic reports each branch, and puts the
 # branch's name in the error's location ('str', 'list[TextPart]', 'NamedToolChoice'): never a
 # field the client sent, so it is left out of `param`.
-_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "bytes", "dict", "list", "none"})
 _CLASS_NAME = re.compile(r" or instance of \w+")
 
 
-def _label(error: Any, i: int) -> bool:
-    loc = error.get("loc", ())
-    item = loc[i] if i < len(loc) else None
-    if not isinstance(item, str) or (error.get("type") == "extra_forbidden"
-                                     and i == len(loc) - 1):
-        return False  # an unknown key the client sent, whatever it looks like
-    return item in _TYPE_NAMES or "[" in item or item[:1].isupper()
+def _labels(loc: tuple[Any, ...], kind: Any, body: Any) -> set[int]:
+    """The positions in `loc` that name a union's branch: those that are no key or index of
+    the body where they stand (but for a `missing` error's last, the field not sent)."""
+    labels, node = set(), body
+    for i, part in enumerate(loc):
+        key = isinstance(node, dict) and isinstance(part, str) and part in node
+        index = isinstance(node, list) and type(part) is int and 0 <= part < len(node)
+        if key or index:
+            node = node[part]
+        elif not (kind == "missing" and i == len(loc) - 1):
+            labels.add(i)
+    return labels
 
 
 def _relevant(errors: list[Any], start: int = 0) -> list[Any]:
@@ -81,9 +89,9 @@ def _relevant(errors: list[Any], start: int = 0) -> list[Any]:
     first = errors[0]
     loc = first["loc"]
     for i in range(start, len(loc)):
-        if not _label(first, i):
+        if i not in first["labels"]:
             continue
-        site = [e for e in errors if e["loc"][:i] == loc[:i] and _label(e, i)]
+        site = [e for e in errors if e["loc"][:i] == loc[:i] and i in e["labels"]]
         if len({e["loc"][i] for e in site}) < 2:
             continue
         deepest = max(len(e["loc"]) for e in site)
