@@ -203,6 +203,7 @@ class FakeEmbed:
 
 class FakeWhisper:
     multilingual = False
+    languages = ("en",)
 
     def __init__(self, max_queue: int = 2) -> None:
         self.stats: dict[str, Any] = {"requests": 0}

@@ -94,3 +94,11 @@ def test_quantization_pins(tmp_path: Path) -> None:
     assert settings.load(layout, env={}).quantization == (("all-minilm-l6-v2", "fp32"),)
     with pytest.raises(FormatError, match="must be a string"):
         settings.load(write(tmp_path, '[models]\nquantization = { "m" = 8 }\n'), env={})
+
+
+def test_default_max_tokens(tmp_path: Path) -> None:
+    assert settings.load(Layout(tmp_path), env={}).default_max_tokens == 1024
+    layout = write(tmp_path, "[chat]\ndefault_max_tokens = 256\n")
+    assert settings.load(layout, env={}).default_max_tokens == 256
+    with pytest.raises(FormatError, match="default_max_tokens must be between 1"):
+        settings.load(write(tmp_path, "[chat]\ndefault_max_tokens = 0\n"), env={})

@@ -1,7 +1,7 @@
 """The HTTP service: the app factory. Routes live one module per family (models, chat,
-completions, embeddings, audio); errors become HTTP in `api/errors.py`; every request passes the
-Guard (`api/guard.py`) first and the connection limits (`api/connections.py`) before that. The
-API keys are the live configuration's, re-read while the app runs (`api/keyring.py`)."""
+completions, embeddings, audio, tokens); errors become HTTP in `api/errors.py`; every request
+passes the Guard (`api/guard.py`) first and the connection limits (`api/connections.py`) before
+that. The API keys are the live configuration's, re-read while the app runs (`api/keyring.py`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from appliance.api import audio, chat, completions, embeddings, errors, models
+from appliance.api import (
+    audio,
+    chat,
+    completions,
+    embeddings,
+    errors,
+    models,
+    openapi,
+    tokens,
+)
 from appliance.api.guard import Guard
 from appliance.api.keyring import KeyRing
 from appliance.serve.runtime import Runtime
@@ -31,6 +40,6 @@ def create_app(runtime: Runtime, settings: Settings) -> Any:
     app.state.runtime = runtime
     app.state.settings = settings
     errors.install(app)
-    for family in (models, chat, completions, embeddings, audio):
+    for family in (models, chat, completions, embeddings, audio, tokens, openapi):
         app.include_router(family.router)
     return Guard(app, settings, KeyRing(runtime.layout, settings.api_keys))

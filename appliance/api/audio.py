@@ -246,11 +246,30 @@ async def _events(queue: asyncio.Queue[str | BaseException | None], gone: thread
         watcher.cancel()
 
 
-@router.post("/v1/audio/transcriptions", response_model=None)
+def _form_doc(translate: bool) -> dict[str, Any]:
+    """The form for the OpenAPI document (the route reads it itself, so FastAPI cannot tell)."""
+    fields: dict[str, Any] = {
+        "file": {"type": "string", "format": "binary",
+                 "description": "wav, mp3, ogg, flac, m4a or webm"},
+        "model": {"type": "string"},
+        "prompt": {"type": "string"},
+        "response_format": {"enum": list(FORMATS), "default": "json"},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+        "stream": {"type": "boolean", "description": "text deltas as server-sent events"},
+        "timestamp_granularities[]": {"type": "array", "items": {"enum": ["word", "segment"]},
+                                      "description": "with verbose_json"},
+        "language": {"type": "string", "description": (
+            "The language spoken, ISO-639-1 such as de (otherwise detected); the text is "
+            "always English" if translate else "ISO-639-1, such as en")}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file", "model"], "properties": fields}}}}}
+
+
+@router.post("/v1/audio/transcriptions", response_model=None, openapi_extra=_form_doc(False))
 async def transcriptions(request: Request) -> Response:
     return await _handle(request, translate=False)
 
 
-@router.post("/v1/audio/translations", response_model=None)
+@router.post("/v1/audio/translations", response_model=None, openapi_extra=_form_doc(True))
 async def translations(request: Request) -> Response:
     return await _handle(request, translate=True)

@@ -14,6 +14,7 @@ from appliance.api import grammar, responses
 from appliance.api.errors import blame
 from appliance.api.generation import (
     allowed_models,
+    answer_limit,
     check_chars,
     check_logit_bias,
     collect,
@@ -24,7 +25,7 @@ from appliance.api.generation import (
     sampling,
     submit,
 )
-from appliance.api.protocol import ChatCompletionRequest, NamedToolChoice
+from appliance.api.protocol import ChatCompletionRequest, NamedToolChoice, refuse_media
 from appliance.api.sse import DONE, sse, sse_error
 from appliance.engines.base import ChatBackend
 from appliance.engines.chat import GenerationRequest
@@ -88,6 +89,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     req.check()
     served = runtime(request).chat(req.model, allowed_models(request))
     engine = served.engine
+    refuse_media(req.messages, served.id)
     check_logit_bias(engine, req)
     check_chars((m.text() for m in req.messages), engine.ctx_per_seq, "messages")
     tools = None
@@ -95,7 +97,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
     with blame("messages"):
         prompt = await asyncio.to_thread(engine.chat_prompt, messages(req), tools)
-        max_tokens = engine.check_fits(len(prompt), req.token_limit)
+        max_tokens = answer_limit(engine, len(prompt), req.token_limit,
+                                  runtime(request).settings.default_max_tokens)
     forced = forced_tool(req)
     top = (req.top_logprobs or 0) if req.logprobs else None
     gen = GenerationRequest(prompt, max_tokens, sampling(req), req.stops, None, top)

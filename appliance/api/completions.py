@@ -45,10 +45,12 @@ async def completions(req: CompletionRequest, request: Request) -> Response | di
     def tokenize() -> list[list[int]]:
         return [engine.tokenize(p, add_special=True, parse_special=False) for p in req.prompts]
 
+    # OpenAI's default for completions, unless the settings' cap is smaller
+    default = min(16, runtime(request).settings.default_max_tokens)
     gens = []
     for tokens, param in zip(await asyncio.to_thread(tokenize), where, strict=True):
         with blame(param):
-            limit = engine.check_fits(len(tokens), req.max_tokens or 16)
+            limit = engine.check_fits(len(tokens), req.max_tokens or default)
         gens.append(GenerationRequest(tokens, limit, sampling(req), req.stops, None,
                                       req.logprobs))
     streams: list[Stream] = []

@@ -4,8 +4,10 @@ param and headers (appliance/errors.py); framework errors are turned into one fi
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,17 +38,68 @@ def blame(param: str) -> Iterator[None]:
 
 
 def _validation_error(exc: RequestValidationError) -> RequestError:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    errors = []
+    for e in exc.errors():
+        loc = tuple(e.get("loc", ()))
+        loc = loc[1:] if loc[:1] == ("body",) else loc
+        errors.append({**e, "loc": loc, "labels": _labels(loc, e.get("type"), exc.body)})
+    found = _relevant(errors) if errors else [{"loc": (), "labels": set()}]
+    first = found[0]
+    loc = first["loc"]
+    if len(found) > 1:  # no branch of a union took the value: say what each wanted
+        loc = loc[:min(len(e["loc"]) for e in found) - 1]
+    param = ".".join(str(p) for i, p in enumerate(loc) if i not in first["labels"]) or None
     kind = first.get("type", "")
     if kind == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
     elif kind == "json_invalid":
         message, param = "the request body is not valid JSON", None
     else:
-        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        wants = list(dict.fromkeys(_CLASS_NAME.sub("", e.get("msg", "invalid value"))
+                                   for e in found))
+        said = " or ".join([wants[0], *(w.removeprefix("Input should be ") for w in wants[1:])])
+        message = f"{param or 'body'}: {said}"
     return RequestError(message, param=param)
+
+
+# Where a value matches no branch of a union, pydantic reports each branch, and puts the
+# branch's name in the error's location ('str', 'list[TextPart]', 'NamedToolChoice'): never a
+# field the client sent, so it is left out of `param`.
+_CLASS_NAME = re.compile(r" or instance of \w+")
+
+
+def _labels(loc: tuple[Any, ...], kind: Any, body: Any) -> set[int]:
+    """The positions in `loc` that name a union's branch: those that are no key or index of
+    the body where they stand (but for a `missing` error's last, the field not sent)."""
+    labels, node = set(), body
+    for i, part in enumerate(loc):
+        key = isinstance(node, dict) and isinstance(part, str) and part in node
+        index = isinstance(node, list) and type(part) is int and 0 <= part < len(node)
+        if key or index:
+            node = node[part]
+        elif not (kind == "missing" and i == len(loc) - 1):
+            labels.add(i)
+    return labels
+
+
+def _relevant(errors: list[Any], start: int = 0) -> list[Any]:
+    """The errors that say what is wrong with the first bad value. Of a union's branches, the
+    one that got furthest into the value is the one the client meant (a list of content parts,
+    not a string); a value that no branch took at all gets every branch's message."""
+    first = errors[0]
+    loc = first["loc"]
+    for i in range(start, len(loc)):
+        if i not in first["labels"]:
+            continue
+        site = [e for e in errors if e["loc"][:i] == loc[:i] and i in e["labels"]]
+        if len({e["loc"][i] for e in site}) < 2:
+            continue
+        deepest = max(len(e["loc"]) for e in site)
+        if deepest == i + 1:
+            return site
+        branch = next(e["loc"][i] for e in site if len(e["loc"]) == deepest)
+        return _relevant([e for e in site if e["loc"][i] == branch], i + 1)
+    return [first]
 
 
 def install(app: FastAPI) -> None:

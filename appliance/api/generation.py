@@ -62,6 +62,14 @@ def check_logit_bias(engine: ChatBackend, req: Sampled) -> None:
             raise Unsupported("logit_bias", f"token id {key} is outside the vocabulary")
 
 
+def answer_limit(engine: ChatBackend, n_prompt: int, asked: int | None, default: int) -> int:
+    """The most tokens to generate: what the client asked for (ContextTooLong if that does
+    not fit), else the room left in the context, at most `default` (the settings'
+    default_max_tokens), so that a request without max_tokens cannot run for minutes."""
+    fits = engine.check_fits(n_prompt, asked)
+    return fits if asked is not None else min(fits, default)
+
+
 def check_chars(texts: Iterable[str], tokens: int, param: str) -> None:
     """Refuse text that cannot fit `tokens` before spending time tokenising it."""
     limit = tokens * MAX_CHARS_PER_TOKEN

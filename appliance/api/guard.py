@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from appliance.api import textcheck
+from appliance.api import cors, textcheck
 from appliance.api.connections import mark_keyed
 from appliance.api.errors import error_response
 from appliance.api.keyring import KeyRing
@@ -58,6 +58,9 @@ class Guard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
+        origin = headers.get("origin")
+        if origin is not None and origin in self.settings.allowed_origins:
+            send = cors.with_headers(send, origin)  # on errors too: the page may read them
         try:
             key = self._check(scope, headers)
             if key is not None:
@@ -66,6 +69,9 @@ class Guard:
             # a refused client gets its connection closed too: it costs nothing while it retries
             exc.headers["Connection"] = "close"
             await error_response(exc)(scope, receive, send)
+            return
+        if cors.is_preflight(scope, headers):  # from a listed origin: _check refused the rest
+            await cors.answer_preflight(send, headers)
             return
         if key is None:
             await self._pass(scope, receive, send, headers)
@@ -167,7 +173,8 @@ class Guard:
         origin = headers.get("origin")
         if origin is not None and origin not in self.settings.allowed_origins:
             raise Forbidden("cross-origin requests are not allowed")
-        if scope["path"] in OPEN_PATHS or not self.settings.auth:
+        if scope["path"] in OPEN_PATHS or not self.settings.auth or cors.is_preflight(
+                scope, headers):  # a browser sends no key with a preflight
             return None
         auth = headers.get("authorization", "")
         scheme, _, presented = auth.partition(" ")

@@ -1,4 +1,5 @@
-"""GET /v1/models, /healthz and /metrics. A key scoped to some models sees only those."""
+"""GET /v1/models (cards: api/cards.py), /healthz and /metrics. A key scoped to some models
+sees only those."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from appliance.api import responses
+from appliance.api.cards import model_card
 from appliance.api.generation import allowed_models, runtime
 from appliance.errors import ModelNotFound
 
@@ -17,16 +18,17 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
+    rt = runtime(request)
     return {"object": "list",
-            "data": [responses.model_card(m)
-                     for m in runtime(request).served(allowed_models(request))]}
+            "data": [model_card(m, rt.settings) for m in rt.served(allowed_models(request))]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-    for m in runtime(request).served(allowed_models(request)):
+    rt = runtime(request)
+    for m in rt.served(allowed_models(request)):
         if m.id == model_id:
-            return responses.model_card(m)
+            return model_card(m, rt.settings)
     raise ModelNotFound(f"The model `{model_id}` does not exist", param="model")
 
 

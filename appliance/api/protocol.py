@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictInt,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from appliance.errors import Unsupported
 
@@ -27,6 +36,30 @@ class TextPart(Strict):
     text: str
 
 
+class MediaPart(BaseModel):
+    """An image, audio or file part: accepted in any shape, so that the answer can say that
+    the model takes none (a 400 naming the part) rather than how the part is malformed."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url", "input_audio", "file"]
+
+
+MEDIA = {"image_url": "images", "input_audio": "audio input", "file": "files"}
+
+
+def _part_kind(part: Any) -> str | None:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return "TextPart" if kind == "text" else "MediaPart" if kind in MEDIA else None
+
+
+# Dispatched on `type`, so a part is checked against its own kind only (no error per branch).
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("TextPart")] | Annotated[MediaPart, Tag("MediaPart")],
+    Discriminator(_part_kind, custom_error_type="content_part_type",
+                  custom_error_message="a content part's type is text, image_url, input_audio "
+                                       "or file")]
+
+
 class FunctionCall(Strict):
     name: str
     arguments: str
@@ -40,7 +73,7 @@ class ToolCall(Strict):
 
 class Message(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -48,8 +81,18 @@ class Message(Strict):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text for p in self.content if isinstance(p, TextPart))
         return self.content or ""
+
+
+def refuse_media(messages: list[Message], model: str, where: str = "messages") -> None:
+    """Chat models here read text only: an image, audio or file part is a 400 naming it."""
+    for i, m in enumerate(messages):
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if isinstance(part, MediaPart):
+                raise Unsupported(f"{where}.{i}.content.{j}",
+                                  f"the model `{model}` takes no {MEDIA[part.type]} "
+                                  f"({part.type}); send text content parts only")
 
 
 class FunctionDef(Strict):
@@ -112,21 +155,27 @@ class Sampled(Strict):
     """Parameters shared by chat and completions."""
 
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    n: int | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, description="Bias added to the logits of token ids (keys), -100 to 100")
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(default=None, description=(
+        "Most tokens to generate. Without it: chat stops at the server's default_max_tokens "
+        "(see the model card), completions at 16; a value beyond the context is a 400"))
+    n: int | None = Field(default=None, description="Only 1: send separate requests for more")
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = False
+    seed: int | None = Field(default=None, description="Makes sampling repeatable")
+    stop: str | list[str] | None = Field(default=None, description=(
+        f"Up to {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters"))
+    stream: bool | None = Field(default=False, description="Send the answer as server-sent events")
     stream_options: StreamOptions | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = Field(default=None, description=(
+        "0 is greedy; default 1"))
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    user: str | None = None
+    user: str | None = Field(default=None, description="Accepted and not used")
     # --- extensions (llama.cpp and vLLM accept these too) ---
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = Field(default=None, description="0: off")
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=4)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=4)] | None = Field(
+        default=None, description="llama.cpp's repeat penalty over the last 64 tokens; 1: off")
 
     @field_validator("stop")
     @classmethod
@@ -154,23 +203,30 @@ class Sampled(Strict):
 
 
 class ChatCompletionRequest(Sampled):
-    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
-    model: str
-    audio: Any | None = None
-    logprobs: bool | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)] = Field(
+        description="The conversation; content is text or text parts (this server's chat "
+                    "models take no images, audio or files)")
+    model: str = Field(description="A chat model's id (GET /v1/models)")
+    audio: Any | None = Field(default=None, description="Not supported (400)")
+    logprobs: bool | None = Field(default=None, description="Log probabilities of the tokens")
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(default=None, description=(
+        "OpenAI's newer name for max_tokens"))
     metadata: dict[str, str] | None = None
-    modalities: list[str] | None = None
+    modalities: list[str] | None = Field(default=None, description='Only ["text"]')
     parallel_tool_calls: bool | None = None
-    prediction: Any | None = None
-    reasoning_effort: str | None = None
-    response_format: ResponseFormat | None = None
+    prediction: Any | None = Field(default=None, description="Not supported (400)")
+    reasoning_effort: str | None = Field(default=None, description="Not supported (400)")
+    response_format: ResponseFormat | None = Field(default=None, description=(
+        "json_object or json_schema: the answer is held to it by a grammar"))
     service_tier: str | None = None
-    store: bool | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    tools: list[Tool] | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    web_search_options: Any | None = None
+    store: bool | None = Field(default=None, description="Nothing is stored: true is a 400")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="required or a named function is enforced by a grammar")
+    tools: list[Tool] | None = Field(default=None, description=(
+        "Functions the model may call; a call comes back in message.tool_calls"))
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(default=None, description=(
+        "Alternatives per token, with logprobs"))
+    web_search_options: Any | None = Field(default=None, description="Not supported (400)")
 
     def check(self) -> None:
         self.check_common()
@@ -200,12 +256,14 @@ class ChatCompletionRequest(Sampled):
 
 
 class CompletionRequest(Sampled):
-    model: str
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
-    best_of: int | None = None
-    echo: bool | None = False
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    suffix: str | None = None
+    model: str = Field(description="A chat model's id (GET /v1/models); base models too")
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)] = Field(
+        description="Text to continue, or up to 64 of them (one choice each)")
+    best_of: int | None = Field(default=None, description="Only 1")
+    echo: bool | None = Field(default=False, description="Put the prompt before the answer")
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(default=None, description=(
+        "Alternatives per token (0: the chosen token's only)"))
+    suffix: str | None = Field(default=None, description="Not supported (400)")
 
     def check(self) -> None:
         self.check_common()
@@ -222,10 +280,13 @@ class CompletionRequest(Sampled):
 
 
 class EmbeddingRequest(Strict):
-    input: str | list[str] | list[int] | list[list[int]]
-    model: str
-    dimensions: Annotated[int, Field(ge=1)] | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    input: str | list[str] | list[int] | list[list[int]] = Field(description=(
+        "A text, texts, token ids, or lists of token ids (limits: the model card)"))
+    model: str = Field(description="An embeddings model's id (GET /v1/models)")
+    dimensions: Annotated[int, Field(ge=1)] | None = Field(default=None, description=(
+        "Fewer dimensions than the model's: the first ones, renormalised"))
+    encoding_format: Literal["float", "base64"] = Field(default="float", description=(
+        "base64: little-endian float32"))
     user: str | None = None
 
     def items(self) -> tuple[list[str], list[list[int]]]:
@@ -247,3 +308,68 @@ class EmbeddingRequest(Strict):
             raise Unsupported("input", "input must be text, a list of texts, token ids, or "
                                        "a list of non-empty token id lists")
         return [], lists
+
+
+# --- tokenizer routes (llama.cpp's and vLLM's shapes; not in OpenAI's reference) -------------
+
+class TokenizeRequest(Strict):
+    """One of `content` (llama-server), `prompt` or `messages` (vLLM)."""
+
+    model: str | None = Field(default=None, description=(
+        "A chat model's id; may be left out while the API key sees only one chat model"))
+    content: str | None = Field(default=None, description=(
+        "Text, tokenized as llama-server does it (no BOS unless add_special)"))
+    prompt: str | None = Field(default=None, description=(
+        "Text, tokenized as /v1/completions tokenizes a prompt (BOS added by default)"))
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)] | None = (
+        Field(default=None, description="A conversation, rendered by the model's chat template "
+                                        "as /v1/chat/completions does"))
+    tools: list[Tool] | None = Field(default=None, description=(
+        "With messages: tools shown to the template, as in chat"))
+    add_special: bool | None = Field(default=None, description=(
+        "Add the model's special tokens (BOS): default false for content, true for prompt; "
+        "not with messages, where the template decides"))
+    add_special_tokens: bool | None = Field(default=None, description="vLLM's name for add_special")
+    parse_special: bool = Field(default=False, description=(
+        "Read special-token text such as <|im_start|> as that token; off by default, as "
+        "/v1/completions reads prompts"))
+    add_generation_prompt: bool = Field(default=True, description=(
+        "vLLM's flag; the chat template always ends with the answer's prompt here"))
+    with_pieces: bool = Field(default=False, description=(
+        "llama-server's form: tokens as {id, piece} objects, a piece as text or, where it is "
+        "not whole UTF-8, as its bytes"))
+
+    def check(self) -> None:
+        given = [n for n in ("content", "prompt", "messages") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise Unsupported(given[1] if given else "content",
+                              "give exactly one of content (llama.cpp), prompt or messages "
+                              "(vLLM)")
+        if self.add_special is not None and self.add_special_tokens is not None:
+            raise Unsupported("add_special_tokens", "give add_special or add_special_tokens, "
+                                                    "not both")
+        if self.messages is None:
+            for name in ("tools", "add_generation_prompt"):
+                if name in self.model_fields_set:
+                    raise Unsupported(name, f"{name} goes with messages")
+            return
+        for name in ("add_special", "add_special_tokens", "parse_special"):
+            if getattr(self, name):
+                raise Unsupported(name, f"with messages the chat template decides the special "
+                                        f"tokens: {name} cannot be set")
+        if not self.add_generation_prompt:
+            raise Unsupported("add_generation_prompt", "the chat template always ends with the "
+                                                       "answer's prompt here")
+
+    @property
+    def special(self) -> bool:
+        """Whether to add BOS and the like to text."""
+        asked = self.add_special if self.add_special is not None else self.add_special_tokens
+        return asked if asked is not None else self.prompt is not None
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = Field(default=None, description=(
+        "A chat model's id; may be left out while the API key sees only one chat model"))
+    tokens: list[StrictInt] = Field(description=(
+        "Token ids of the model's vocabulary; special tokens come back as their text"))

@@ -7,17 +7,11 @@ import time
 from typing import Any
 
 from appliance.engines.events import Finish
-from appliance.serve.runtime import LoadedModel, Served
+from appliance.serve.runtime import Served
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
-
-
-def model_card(m: LoadedModel) -> dict[str, Any]:
-    """OpenAI's fields, plus which bundle sequence answers for the model."""
-    return {"id": m.id, "object": "model", "created": m.created, "owned_by": m.bundle,
-            "bundle": m.bundle, "sequence": m.sequence}
 
 
 def usage(f: Finish) -> dict[str, int]:

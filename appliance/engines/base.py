@@ -31,6 +31,7 @@ class Engine(Protocol):
 class ChatBackend(Engine, Protocol):
     ctx_per_seq: int
     n_vocab: int
+    template: str | None  # the chat template; None for a base model (completions only)
 
     @property
     def active_count(self) -> int: ...
@@ -67,6 +68,7 @@ class EmbedBackend(Engine, Protocol):
 
 class TranscribeBackend(Engine, Protocol):
     multilingual: bool
+    languages: tuple[str, ...]  # the ones it takes (language codes)
 
     def check(self, language: str | None, translate: bool) -> None: ...
 

@@ -7,7 +7,8 @@
     local_port = 0              # a plain-HTTP listener on 127.0.0.1 for on-device tools (0: none)
     auth = true                 # false is accepted only while host is a loopback address
     allowed_hosts = []          # Host headers accepted besides the bind address and localhost
-    allowed_origins = []        # browser origins allowed to call the API (none by default)
+    allowed_origins = []        # browser origins allowed to call the API, as the browser
+                                # sends them ("http://chat.lan:3000"); none by default
     max_body_mb = 25            # audio uploads
     max_json_kb = 4096          # JSON request bodies (parsed on the event loop: keep it small)
     max_queue = 64              # waiting requests per engine before 503
@@ -24,6 +25,8 @@
     batch = 512
     prefix_slots = 2            # recent prompts kept for reuse (shared system prompts)
     lookup_draft = 0            # prompt-lookup speculation for greedy requests: draft tokens
+    default_max_tokens = 1024   # answer length when a request sets no max_tokens (chat; the
+                                # completions default, 16, only if this is smaller)
     [hardware]
     prefer = "auto"             # or "cpu"
     memory_fraction = 0.9
@@ -88,6 +91,7 @@ class Settings:
     batch: int = 512
     prefix_slots: int = 2
     lookup_draft: int = 0
+    default_max_tokens: int = 1024
     prefer: str = "auto"
     memory_fraction: float = 0.9
     aux_cores: int = 1
@@ -235,6 +239,7 @@ def validate(doc: Fields) -> Settings:
         batch=integer(chat, "batch", 16, 8192),
         prefix_slots=integer(chat, "prefix_slots", 0, 64),
         lookup_draft=integer(chat, "lookup_draft", 0, 16),
+        default_max_tokens=integer(chat, "default_max_tokens", 1, 1 << 20),
         prefer=prefer,
         memory_fraction=hw.number("memory_fraction", lo=0.05, hi=1.0, default=d.memory_fraction),
         aux_cores=integer(hw, "aux_cores", 1, 1024),
