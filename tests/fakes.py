@@ -162,7 +162,8 @@ class FakeEmbed:
         out = [[101] + [len(w) for w in t.split()] + [102] for t in texts]
         for i, row in enumerate(out):
             if len(row) > self.max_tokens:
-                raise TooLong(f"input[{i}] has {len(row)} tokens; at most {self.max_tokens}")
+                raise TooLong(f"input[{i}] has {len(row)} tokens; at most {self.max_tokens}",
+                              index=i, tokens=len(row))
         return out
 
     def wrap(self, token_lists: list[list[int]]) -> list[list[int]]:

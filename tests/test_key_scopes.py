@@ -95,6 +95,7 @@ def test_other_models_answer_as_unknown_ones(sdk: Callable[[str], openai.OpenAI]
         (CHAT, lambda m: embedder.completions.create(model=m, prompt="x")),
         (EMBED, lambda m: scoped.embeddings.create(model=m, input="x")),
         (WHISPER, lambda m: scoped.audio.transcriptions.create(model=m, file=("a.wav", wav()))),
+        (EMBED, lambda m: _rerank(scoped, m)),
     ]
     for other, call in calls:
         answers = []
@@ -107,6 +108,30 @@ def test_other_models_answer_as_unknown_ones(sdk: Callable[[str], openai.OpenAI]
         assert answers[0] == answers[1], answers
         assert not any(m in answers[0] for m in (CHAT, EMBED, WHISPER)), answers[0]
     assert embedder.embeddings.create(model=EMBED, input="x").data
+    assert _rerank(embedder, EMBED).json()["results"]
+
+
+def test_rerank_names_the_task_of_the_keys_own_models_only(
+        sdk: Callable[[str], openai.OpenAI]) -> None:
+    """Rerank names the task of a model that cannot rerank, but only for the key's own models:
+    for any other it answers as for one that does not exist."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        _rerank(sdk(SCOPED), CHAT)
+    assert "`fake-chat` is a chat model" in str(refused.value.body)
+    answers = []
+    for model in (CHAT, "nope"):
+        with pytest.raises(openai.NotFoundError) as info:
+            _rerank(sdk(EMBEDDER), model)
+        body = info.value.body
+        assert isinstance(body, dict) and body["code"] == "model_not_found", body
+        answers.append(body["message"].replace(f"`{model}`", "`X`"))
+    assert answers[0] == answers[1] and CHAT not in answers[0], answers
+
+
+def _rerank(sdk: openai.OpenAI, model: str) -> httpx.Response:
+    """POST /v1/rerank through the SDK's plain post (it has no rerank call)."""
+    return sdk.post("/rerank", cast_to=httpx.Response,
+                    body={"model": model, "query": "q", "documents": ["d"]})
 
 
 def test_metrics_name_only_the_keys_models(runtime: Runtime, settings: Settings) -> None:

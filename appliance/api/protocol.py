@@ -373,3 +373,31 @@ class DetokenizeRequest(Strict):
         "A chat model's id; may be left out while the API key sees only one chat model"))
     tokens: list[StrictInt] = Field(description=(
         "Token ids of the model's vocabulary; special tokens come back as their text"))
+
+
+class RerankRequest(Strict):
+    """POST /v1/rerank, in the shape Cohere, Jina and vLLM share. Documents are strings or
+    `{"text": ...}` objects, read by `texts()` so that a wrong one is named plainly (a union
+    type would answer with one error per member)."""
+
+    model: str
+    query: str
+    documents: list[Any]
+    top_n: Annotated[int, Field(ge=1)] | None = None
+    return_documents: bool = True  # Jina's and vLLM's default (Cohere's v1 had false)
+
+    def texts(self) -> list[str]:
+        if not self.query:
+            raise Unsupported("query", "query must not be empty")
+        if not self.documents:
+            raise Unsupported("documents", "documents must not be empty")
+        out = []
+        for i, doc in enumerate(self.documents):
+            text = doc.get("text") if isinstance(doc, dict) and doc.keys() == {"text"} else doc
+            if not isinstance(text, str):
+                raise Unsupported(f"documents.{i}", f"documents.{i} must be a string or an "
+                                                    'object {"text": string}')
+            if not text:
+                raise Unsupported(f"documents.{i}", f"documents.{i} is empty")
+            out.append(text)
+        return out

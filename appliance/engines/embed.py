@@ -37,7 +37,13 @@ log = logging.getLogger(__name__)
 
 
 class TooLong(ContextTooLong):
-    """An input has more tokens than the model takes."""
+    """An input has more tokens than the model takes: row `index` of the call, `tokens` long
+    (so a caller that joined several fields into one call can name the field)."""
+
+    def __init__(self, message: str, *, index: int, tokens: int) -> None:
+        super().__init__(message)
+        self.index = index
+        self.tokens = tokens
 
 
 class BadTokens(RequestError):
@@ -111,7 +117,7 @@ class EmbedEngine:
         for i, row in enumerate(ids):
             if len(row) > self.max_tokens:
                 raise TooLong(f"input[{i}] has {len(row)} tokens; this model takes at most "
-                              f"{self.max_tokens}")
+                              f"{self.max_tokens}", index=i, tokens=len(row))
 
     def submit(self, ids: list[list[int]]) -> Future[np.ndarray]:
         """Queue token-id rows; the future gives one unit vector per row."""

@@ -21,7 +21,8 @@ from appliance.bundle import manifest as mf
 from appliance.device.layout import Layout
 from appliance.device.store import Installed, Store
 from appliance.engines.base import ChatBackend, EmbedBackend, Engine, TranscribeBackend
-from appliance.errors import ApplianceError, Busy, ModelNotFound, ModelUnavailable
+from appliance.engines.score import CosineScorer, Scorer
+from appliance.errors import ApplianceError, Busy, ModelNotFound, ModelUnavailable, Unsupported
 from appliance.fsutil import atomic_write
 from appliance.serve import hardware
 from appliance.serve.settings import Settings
@@ -412,6 +413,21 @@ class Runtime:
     def transcription(self, model_id: str,
                       allowed: Collection[str] | None = None) -> Served[TranscribeBackend]:
         return self._served(model_id, mf.Task.TRANSCRIPTION, allowed)
+
+    def scorer(self, model_id: str,
+               allowed: Collection[str] | None = None) -> tuple[LoadedModel, Scorer]:
+        """How a model scores documents for POST /v1/rerank: an embeddings model by the cosine
+        of its vectors (engines/score.py); a cross-encoder task would hand out its own scorer
+        here. A model of another task that the key may see is named with its task (400)."""
+        try:
+            served = self.embeddings(model_id, allowed)
+        except ModelNotFound:
+            other = next((m for m in self.served(allowed) if m.id == model_id), None)
+            if other is None:
+                raise
+            raise Unsupported("model", f"`{model_id}` is a {other.task.value} model; "
+                                       "reranking scores with an embeddings model") from None
+        return served.model, CosineScorer(served.engine)
 
     def _served(self, model_id: str, task: mf.Task,
                 allowed: Collection[str] | None) -> Served[Any]:
