@@ -8,7 +8,8 @@ import concurrent.futures
 import itertools
 import json
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -168,6 +169,88 @@ def test_concurrent_requests_are_micro_batched(server: Server, client: openai.Op
             model=EMBED, input=f"sentence number {i}"), range(48)))
     assert len(results) == 48
     assert batches() - before < 48
+
+
+# --- rerank (POST /v1/rerank: cosines of the embeddings model) --------------------------------
+
+WEATHER = "Will it rain tomorrow, or will the weather be sunny?"
+UNRELATED = ["Please send the quarterly report to the finance team by Friday.",
+             "My favorite fruit is a ripe banana.",
+             "The train to Berlin leaves from platform nine.",
+             "Add two eggs and a cup of flour, then stir well."]
+
+
+def _rerank(server: Server, **fields: object) -> httpx.Response:
+    """The OpenAI SDK has no rerank call: plain httpx, as a Cohere- or Jina-style client."""
+    return httpx.post(f"{server.base}/v1/rerank", timeout=60,
+                      headers={"Authorization": f"Bearer {server.key}"},
+                      json={"model": EMBED, **fields})
+
+
+def test_rerank_puts_the_weather_first(server: Server, client: openai.OpenAI) -> None:
+    documents = [*UNRELATED[:2], SENTENCES[0], *UNRELATED[2:]]
+    r = _rerank(server, query=WEATHER, documents=documents)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    results = body["results"]
+    assert results[0]["document"] == {"text": SENTENCES[0]}
+    assert results[0]["index"] == 2 and len(results) == len(documents)
+    scores = [x["relevance_score"] for x in results]
+    assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+    assert scores[0] - scores[1] > 0.1, scores
+    # the tokens are the embeddings model's, counted as /v1/embeddings counts them
+    usage = client.embeddings.create(model=EMBED, input=[WEATHER, *documents]).usage
+    assert body["usage"] == {"prompt_tokens": usage.prompt_tokens,
+                             "total_tokens": usage.prompt_tokens}
+
+
+def test_rerank_scores_are_the_embeddings_cosines(server: Server,
+                                                  client: openai.OpenAI) -> None:
+    documents = [WEATHER, SENTENCES[0], {"text": UNRELATED[0]}]
+    r = _rerank(server, query=WEATHER, documents=documents, top_n=2, return_documents=False)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["index"] for x in results] == [0, 1]
+    assert all(set(x) == {"index", "relevance_score"} for x in results)
+    assert results[0]["relevance_score"] == pytest.approx(1.0, abs=1e-5)  # itself
+    vectors = client.embeddings.create(model=EMBED, input=[WEATHER, SENTENCES[0]]).data
+    cosine = float(np.dot(vectors[0].embedding, vectors[1].embedding))
+    assert results[1]["relevance_score"] == pytest.approx(cosine, abs=1e-4)
+
+
+def test_rerank_refusals(server: Server) -> None:
+    chat = _rerank(server, model="smollm2-135m-instruct", query="q", documents=["d"])
+    assert chat.status_code == 400 and "is a chat model" in chat.json()["error"]["message"]
+    long = _rerank(server, query="q", documents=["d", "word " * 300])
+    assert long.status_code == 400, long.text
+    assert long.json()["error"]["param"] == "documents.1"
+    assert long.json()["error"]["code"] == "context_length_exceeded"
+    many = _rerank(server, query="q", documents=["d"] * 64)  # max_embedding_inputs = 64
+    assert many.status_code == 400 and many.json()["error"]["param"] == "documents"
+
+
+def test_rerank_latency_of_ten_documents(server: Server, client: openai.OpenAI) -> None:
+    """Shown with -s; beside it, /v1/embeddings of the same eleven texts."""
+    documents = [*SENTENCES, *UNRELATED, *REFERENCE["sentences"]][:10]
+    assert len(documents) == 10
+
+    def median(call: Callable[[], object]) -> float:
+        call()  # warm
+        took = []
+        for _ in range(7):
+            start = time.perf_counter()
+            call()
+            took.append(time.perf_counter() - start)
+        return sorted(took)[3]
+
+    body = {"model": EMBED, "query": WEATHER, "documents": documents}
+    with httpx.Client(base_url=server.base, timeout=60,  # one connection, as the SDK's
+                      headers={"Authorization": f"Bearer {server.key}"}) as http:
+        rerank = median(lambda: http.post("/v1/rerank", json=body).raise_for_status())
+    embed = median(lambda: client.embeddings.create(model=EMBED, input=[WEATHER, *documents]))
+    print(f"10 documents: rerank median {rerank * 1000:.0f} ms, "
+          f"embeddings of the same texts {embed * 1000:.0f} ms")
+    assert rerank < 5.0  # a generous bound on a shared two-core machine
 
 
 # --- transcription ----------------------------------------------------------------------------
