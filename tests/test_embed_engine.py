@@ -44,8 +44,9 @@ def test_dynamic_padding_and_limits(onnx_folder: Path) -> None:
     try:
         ids = engine.encode(["hi", "a much longer sentence with several more words"])
         assert len(ids[0]) < len(ids[1]) < 128  # no fixed padding to 128
-        with pytest.raises(TooLong, match="at most 256"):
-            engine.encode(["word " * 300])
+        with pytest.raises(TooLong, match="at most 256") as info:
+            engine.encode(["ok", "word " * 300])
+        assert (info.value.index, info.value.tokens) == (1, 302)  # [CLS] 300 words [SEP]
         with pytest.raises(BadTokens, match="outside"):
             engine.wrap([[engine.vocab + 5]])
         assert engine.wrap([[2023, 2003]]) == [[101, 2023, 2003, 102]]

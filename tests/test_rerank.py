@@ -16,7 +16,7 @@ from appliance.serve.runtime import Runtime
 from appliance.serve.settings import Settings
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
-DOCS = ["one two three", "x yy", "word"]  # "x yy" is the query's twin
+DOCS = ["one two three", "x yy", "naïve"]  # "x yy" is the query's twin
 
 
 @pytest.fixture

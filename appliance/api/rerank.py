@@ -6,9 +6,11 @@ vectors, not a cross-encoder's relevance."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
 from appliance.api import responses
 from appliance.api.errors import blame
@@ -19,10 +21,10 @@ from appliance.errors import ContextTooLong, Unsupported
 router = APIRouter()
 
 
-@router.post("/v1/rerank")
-@router.post("/v2/rerank")
-@router.post("/rerank")
-async def rerank(req: RerankRequest, request: Request) -> dict[str, Any]:
+@router.post("/v1/rerank", response_model=None)
+@router.post("/v2/rerank", response_model=None)
+@router.post("/rerank", response_model=None)
+async def rerank(req: RerankRequest, request: Request) -> Response:
     rt = runtime(request)
     limits = rt.settings
     model, scorer = rt.scorer(req.model, allowed_models(request))
@@ -55,5 +57,8 @@ async def rerank(req: RerankRequest, request: Request) -> dict[str, Any]:
         if req.return_documents:
             result["document"] = {"text": documents[i]}
         results.append(result)
-    return {"id": responses.new_id("rerank"), "object": "list", "model": model.id,
-            "results": results, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    out = {"id": responses.new_id("rerank"), "object": "list", "model": model.id,
+           "results": results, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    # the documents come back in it (up to max_json_kb): encoded off the event loop
+    body = await asyncio.to_thread(json.dumps, out, ensure_ascii=False)
+    return Response(body.encode(), media_type="application/json")
