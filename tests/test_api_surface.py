@@ -70,6 +70,7 @@ def test_model_cards(sdk: openai.OpenAI) -> None:
     embed = cards["all-minilm-l6-v2"]
     assert (embed["task"], embed["dimensions"], embed["context_length"]) == (
         "embeddings", 384, 256)
+    assert embed["endpoints"] == ["/v1/embeddings", "/v1/rerank"]
     whisper = cards["whisper-tiny.en"]
     assert (whisper["languages"], whisper["translation"]) == (["en"], False)
     assert whisper["endpoints"] == ["/v1/audio/transcriptions"]

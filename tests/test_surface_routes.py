@@ -366,7 +366,8 @@ def test_model_cards_say_what_each_model_can_do(sdk: openai.OpenAI) -> None:
         "limits": {"max_tokens": 256, "default_max_tokens": 256, "max_top_logprobs": 20,
                    "max_stop": 4, "max_request_kb": 4096}}
     embed = (cards["fake-embed"].model_extra or {})["capabilities"]
-    assert embed["task"] == "embeddings" and embed["endpoints"] == ["/v1/embeddings"]
+    assert embed["task"] == "embeddings" and embed["endpoints"] == ["/v1/embeddings",
+                                                                      "/v1/rerank"]
     assert (embed["dimensions"], embed["context_length"]) == (8, 64)
     assert embed["limits"]["max_inputs"] == 2048
     whisper = (cards["fake-whisper"].model_extra or {})["capabilities"]
@@ -423,8 +424,9 @@ def test_openapi_document_describes_the_routes(http: httpx.Client) -> None:
     paths = doc["paths"]
     assert {"/v1/models", "/v1/models/{model_id}", "/v1/chat/completions", "/v1/completions",
             "/v1/embeddings", "/v1/audio/transcriptions", "/v1/audio/translations",
-            "/tokenize", "/detokenize", "/healthz", "/metrics"} <= set(paths)
+            "/tokenize", "/detokenize", "/v1/rerank", "/healthz", "/metrics"} <= set(paths)
     assert "/openapi.json" not in paths and "/v1/tokenize" not in paths  # aliases: said once
+    assert "/rerank" not in paths and "/v2/rerank" not in paths
     ops = [op for ops in paths.values() for op in ops.values()]
     assert not any("422" in op["responses"] for op in ops)  # we answer 400, never FastAPI's 422
     chat = paths["/v1/chat/completions"]["post"]

@@ -49,7 +49,7 @@ def _chat(engine: ChatBackend, s: Settings) -> dict[str, Any]:
 
 def _embeddings(engine: EmbedBackend, s: Settings) -> dict[str, Any]:
     return {
-        "endpoints": ["/v1/embeddings"],
+        "endpoints": ["/v1/embeddings", "/v1/rerank"],  # rerank: cosines of the vectors
         "context_length": engine.max_tokens,  # of each input
         "dimensions": engine.dimensions,  # `dimensions` may ask for fewer (renormalised)
         "encoding_formats": ["float", "base64"],

@@ -380,11 +380,15 @@ class RerankRequest(Strict):
     `{"text": ...}` objects, read by `texts()` so that a wrong one is named plainly (a union
     type would answer with one error per member)."""
 
-    model: str
-    query: str
-    documents: list[Any]
-    top_n: Annotated[int, Field(ge=1)] | None = None
-    return_documents: bool = True  # Jina's and vLLM's default (Cohere's v1 had false)
+    model: str = Field(description="An embeddings model's id (GET /v1/models)")
+    query: str = Field(description="The text the documents are scored against")
+    documents: list[Any] = Field(description=(
+        'Strings or {"text": string} objects; the query counts as one of the embeddings '
+        "model's inputs (limits: the model card)"))
+    top_n: Annotated[int, Field(ge=1)] | None = Field(default=None, description=(
+        "Return only the best n (at most the number of documents); default all"))
+    return_documents: bool = Field(default=True, description=(
+        "Give each result its document's text (Jina's and vLLM's default)"))
 
     def texts(self) -> list[str]:
         if not self.query:

@@ -21,9 +21,10 @@ from appliance.errors import ContextTooLong, Unsupported
 router = APIRouter()
 
 
-@router.post("/v1/rerank", response_model=None)
-@router.post("/v2/rerank", response_model=None)
-@router.post("/rerank", response_model=None)
+@router.post("/v1/rerank", response_model=None,
+             summary="Order documents by relevance to a query (cosines of an embeddings model)")
+@router.post("/v2/rerank", response_model=None, include_in_schema=False)
+@router.post("/rerank", response_model=None, include_in_schema=False)
 async def rerank(req: RerankRequest, request: Request) -> Response:
     rt = runtime(request)
     limits = rt.settings
