@@ -17,9 +17,11 @@ from appliance.image import wheels as imagewheels
 from appliance.image.target import Architecture, load
 
 
-def _build_dir(root: Path, sha: str, files: dict[str, str]) -> Path:
+def _build_dir(root: Path, sha: str, files: dict[str, str], update: str = "ee") -> Path:
     root.mkdir()
-    (root / "t.manifest.json").write_text(json.dumps({"sha256": sha, "packages": ["a 1"]}))
+    (root / "t.manifest.json").write_text(json.dumps(
+        {"sha256": sha, "packages": ["a 1"],
+         "system_update": {"file": "appliance-os-5.system", "sha256": update}}))
     (root / "t.files").write_text("".join(f"{h}  {p}\n" for p, h in files.items()))
     return root
 
@@ -35,6 +37,9 @@ def test_compare_lists_differences(tmp_path: Path) -> None:
     same = _build_dir(tmp_path / "c", "11" * 32, {"etc/hostname": "aa",
                                                   "etc/appliance/api-keys": "bb"})
     assert image.compare(a, same) == ["image identical"]
+    other_update = _build_dir(tmp_path / "d", "11" * 32, {"etc/hostname": "aa",
+                                                          "etc/appliance/api-keys": "bb"}, "ff")
+    assert image.compare(a, other_update) == ["image identical", "system_update differ"]
 
 
 def test_missing_tool_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -458,7 +458,7 @@ def make_system_update(ctx: Context) -> None:
                                  t.architecture.value, [keys.load_private(ctx.signing_key)],
                                  ctx.out, ctx.log)
     root.unlink()
-    ctx.inputs["system_update"] = update.name
+    ctx.inputs["system_update"] = {"file": update.name, "sha256": sha256_of(update)}
 
 
 def copy_sparse(src: Path, offset: int, size: int, dest: Path) -> None:
@@ -558,7 +558,7 @@ def compare(a: Path, b: Path) -> list[str]:
     ma, mb = (json.loads(next(d.glob("*.manifest.json")).read_text()) for d in (a, b))
     out.append("image identical" if ma["sha256"] == mb["sha256"] else
                f"image differs: {ma['sha256'][:16]} vs {mb['sha256'][:16]}")
-    for key in ("packages", "wheels", "bundle"):
+    for key in ("packages", "wheels", "bundle", "system_update"):
         if ma.get(key) != mb.get(key):
             out.append(f"{key} differ")
     fa, fb = ({line.split("  ", 1)[1]: line.split("  ", 1)[0]
@@ -570,17 +570,22 @@ def compare(a: Path, b: Path) -> list[str]:
     return out
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_manifest(ctx: Context) -> None:
     t = ctx.target
     artifact = ctx.out / f"{t.name}.{t.format.extension()}"
-    digest = hashlib.sha256()
-    with artifact.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    (ctx.out / f"{artifact.name}.sha256").write_text(f"{digest.hexdigest()}  {artifact.name}\n")
+    digest = sha256_of(artifact)
+    (ctx.out / f"{artifact.name}.sha256").write_text(f"{digest}  {artifact.name}\n")
     manifest = {"target": t.name, "architecture": t.architecture.value,
                 "source_date_epoch": ctx.epoch, "artifact": artifact.name,
-                "sha256": digest.hexdigest(), "size": artifact.stat().st_size, **ctx.inputs}
+                "sha256": digest, "size": artifact.stat().st_size, **ctx.inputs}
     (ctx.out / f"{t.name}.manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
