@@ -370,7 +370,8 @@ def status(layout: Layout) -> dict[str, Any] | None:
     mine = found.get(me.version)
     out: dict[str, Any] = {"version": me.version, "target": me.target,
                            "slot": f"appliance_{booted_slot(layout)}",
-                           "state": mine.state if mine else "unknown",
+                           # the ESP is root's: the unprivileged console status cannot tell
+                           "state": mine.state if mine else "unknown (the ESP is root's)",
                            "installed": sorted(found)}
     if mine is not None and mine.state == "trying":
         out["tries_done"] = mine.tries_done
