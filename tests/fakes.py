@@ -33,7 +33,7 @@ from appliance.device.install import import_bundle
 from appliance.device.layout import Layout
 from appliance.engines.chat import EngineBusy, GenerationRequest, GrammarError, NoTemplate
 from appliance.engines.embed import BadTokens, TooLong
-from appliance.engines.events import Finish, Stream, TokenEvent
+from appliance.engines.events import Finish, PromptScores, Stream, TokenEvent
 from appliance.engines.lanes import Slots
 from appliance.engines.transcribe import Segment, Transcript
 from appliance.errors import ContextTooLong, Unsupported
@@ -55,6 +55,7 @@ class FakeChat:
         self.max_queue = max_queue
         self.running = 0
         self.prompts: list[str] = []
+        self.requests: list[GenerationRequest] = []
         self.closed = False
         self.stats: dict[str, Any] = {"requests": 0}
         self.gate = threading.Event()  # tokens are held while a test keeps it closed
@@ -69,12 +70,13 @@ class FakeChat:
         return 0
 
     def chat_prompt(self, messages: list[dict[str, Any]],
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+                    tools: list[dict[str, Any]] | None = None,
+                    parallel: bool = True) -> list[int]:
         if not self.template:
             raise NoTemplate("model fake has no chat template; use /v1/completions")
         text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
         if tools:
-            text = f"<tools>{len(tools)}" + text
+            text = f"<tools>{len(tools)}{'' if parallel else '!'}" + text
         return self.tokenize(text, True, True)
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
@@ -102,39 +104,53 @@ class FakeChat:
             self.discard(req)
             raise EngineBusy("the chat queue is full")
         self.prompts.append("".join(chr(t) for t in req.prompt))
-        answer = self.answers.popleft() if self.answers else "Hello there!"
+        self.requests.append(req)
+        answers = [self.answers.popleft() if self.answers else "Hello there!"
+                   for _ in range(req.n)]
         self.running += 1
         self.stats["requests"] += 1
-        threading.Thread(target=self._generate, args=(req, stream, answer), daemon=True).start()
+        threading.Thread(target=self._generate, args=(req, stream, answers), daemon=True).start()
 
-    def _generate(self, req: GenerationRequest, stream: Stream, answer: str) -> None:
+    def _generate(self, req: GenerationRequest, stream: Stream, answers: list[str]) -> None:
         try:
-            if answer.startswith("!error"):
-                stream.push(TokenEvent("Hel", ord("H"), -0.1))
-                stream.push(Finish("error", len(req.prompt), 1, error="engine failure"))
-                return
-            text, n = "", 0
-            for ch in answer:
-                self.gate.wait(10)
-                if stream.cancelled:
-                    stream.push(Finish("cancelled", len(req.prompt), n))
+            if req.prompt_logprobs:  # each prompt character: -0.5, its top alternative "?"
+                stream.push(PromptScores([None] + [-0.5] * (len(req.prompt) - 1),
+                                         [[]] + [[(t, -0.5), (ord("?"), -3.0)][:req.logprobs]
+                                                 for t in req.prompt[1:]]))
+            for index, answer in enumerate(answers):
+                if not self._choice(req, stream, answer, index):
                     return
-                if n >= req.max_tokens:
-                    stream.push(Finish("length", len(req.prompt), n))
-                    return
-                text += ch
-                n += 1
-                hit = next((s for s in req.stop if s in text), None)
-                if hit is not None:
-                    stream.push(Finish("stop", len(req.prompt), n))
-                    return
-                top = ([(ord(ch), -0.1), (ord("?"), -2.5)][:req.logprobs]
-                       if req.logprobs else None)
-                stream.push(TokenEvent(ch, ord(ch), -0.1 if req.logprobs is not None else None,
-                                       top))
-            stream.push(Finish("stop", len(req.prompt), n))
         finally:
             self.running -= 1
+
+    def _choice(self, req: GenerationRequest, stream: Stream, answer: str, index: int) -> bool:
+        """One choice, one character per token; False when the request ended (error, cancel)."""
+        n_prompt = len(req.prompt)
+        if answer.startswith("!error"):
+            stream.push(TokenEvent("Hel", ord("H"), -0.1, index=index))
+            stream.push(Finish("error", n_prompt, 1, error="engine failure", index=index))
+            return False
+        text, n = "", 0
+        for ch in answer:
+            self.gate.wait(10)
+            if stream.cancelled:
+                stream.push(Finish("cancelled", n_prompt, n, index=index))
+                return False
+            if n >= req.max_tokens:
+                stream.push(Finish("length", n_prompt, n, index=index))
+                return True
+            text += ch
+            n += 1
+            hit = next((s for s in req.stop if s in text), None)
+            if hit is not None:
+                stream.push(Finish("stop", n_prompt, n, index=index))
+                return True
+            top = ([(ord(ch), -0.1), (ord("?"), -2.5)][:req.logprobs]
+                   if req.logprobs else None)
+            stream.push(TokenEvent(ch, ord(ch), -0.1 if req.logprobs is not None else None,
+                                   top, index))
+        stream.push(Finish("stop", n_prompt, n, index=index))
+        return True
 
     def health(self) -> str:
         return "ok"

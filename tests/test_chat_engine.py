@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance.engines.chat import (
+    SCORE_CHUNK,
     ChatEngine,
     ContextTooLong,
     EngineBusy,
@@ -18,7 +19,9 @@ from appliance.engines.chat import (
     GrammarError,
     Sampling,
     Stream,
+    TokenEvent,
 )
+from appliance.engines.events import PromptScores
 from appliance.errors import ApplianceError
 
 pytestmark = pytest.mark.models
@@ -183,3 +186,117 @@ def test_prompt_lookup_speculation(smollm_gguf: Path) -> None:
             eng.close()
     assert accepted[0] == 0 and accepted[1] > 10
     assert outputs[0] == outputs[1]
+
+
+def choices(stream: Stream, n: int) -> tuple[dict[int, list[TokenEvent]], dict[int, Finish],
+                                             PromptScores | None]:
+    """The events of a request with `n` choices, by choice."""
+    tokens: dict[int, list[TokenEvent]] = {i: [] for i in range(n)}
+    finishes: dict[int, Finish] = {}
+    scores = None
+    while len(finishes) < n:
+        ev = stream.get_sync(timeout=60)
+        if isinstance(ev, PromptScores):
+            scores = ev
+        elif isinstance(ev, Finish):
+            finishes[ev.index] = ev
+        else:
+            tokens[ev.index].append(ev)
+    return tokens, finishes, scores
+
+
+def test_choices_decode_the_prompt_once(smollm_gguf: Path) -> None:
+    """n choices: the first decodes the prompt, the others copy its KV stream and decode only
+    its last token; more choices than parallel streams wait for a free one."""
+    eng = ChatEngine(smollm_gguf, EngineConfig(parallel=2, ctx_per_seq=256, prefix_slots=0))
+    try:
+        prompt = eng.tokenize("Once upon a time, a cat", True, False)
+        # no end of text: the first choice still runs when the others copy its prompt
+        ends = [t for text in ("<|im_end|>", "<|endoftext|>")
+                for t in eng.tokenize(text, False, True)]
+        sampling = Sampling(temperature=1.0, seed=3, logit_bias={t: -100.0 for t in ends})
+        s = Stream()
+        eng.submit(GenerationRequest(prompt, 12, sampling, n=3), s)
+        tokens, finishes, _ = choices(s, 3)
+        assert sorted(finishes) == [0, 1, 2]
+        assert [finishes[i].cached_tokens for i in range(3)] == [0] + [len(prompt) - 1] * 2
+        texts = ["".join(ev.text for ev in tokens[i]) for i in range(3)]
+        assert len(set(texts)) == 3  # each choice draws from its own seed
+        again = Stream()  # ... and the same seed gives the same choices again
+        eng.submit(GenerationRequest(prompt, 12, sampling, n=3), again)
+        repeat = choices(again, 3)[0]
+        assert ["".join(ev.text for ev in repeat[i]) for i in range(3)] == texts
+        greedy = Stream()  # greedy choices after a copied prefill equal a plain answer
+        eng.submit(GenerationRequest(prompt, 12, Sampling(temperature=0), n=2), greedy)
+        tokens, _, _ = choices(greedy, 2)
+        alone = _answer(eng, prompt)
+        assert ["".join(ev.text for ev in tokens[i]) for i in range(2)] == [alone, alone]
+    finally:
+        eng.close()
+
+
+def test_choices_each_follow_the_grammar(engine: ChatEngine) -> None:
+    """The compiled grammar is cloned for every choice before the first one samples."""
+    prompt = engine.tokenize("Pick a colour:", add_special=True, parse_special=False)
+    req = GenerationRequest(prompt, 6, Sampling(temperature=1.5, seed=1),
+                            grammar='root ::= "red" | "green" | "blue" | "pink"', n=4)
+    req.sampler = engine.make_sampler(req)
+    s = Stream()
+    engine.submit(req, s)
+    tokens, finishes, _ = choices(s, 4)
+    texts = ["".join(ev.text for ev in tokens[i]) + finishes[i].text for i in range(4)]
+    assert all(t in ("red", "green", "blue", "pink") for t in texts), texts
+    assert len(set(texts)) > 1, texts
+    assert all(f.reason == "stop" for f in finishes.values())
+
+
+def test_prompt_scores_agree_with_generated_logprobs(engine: ChatEngine) -> None:
+    """Echo scoring: the logprob of each prompt token given the ones before it equals the
+    logprob the same token had when the model generated it."""
+    prompt = engine.tokenize("The capital of France is", add_special=True, parse_special=False)
+    s = Stream()
+    engine.submit(GenerationRequest(prompt, 10, Sampling(temperature=0), logprobs=2), s)
+    tokens, _, _ = choices(s, 1)
+    made = tokens[0]
+    scored = Stream()
+    engine.submit(GenerationRequest(prompt + [ev.token for ev in made], 0,
+                                    Sampling(temperature=0), logprobs=2, prompt_logprobs=True),
+                  scored)
+    none, finishes, scores = choices(scored, 1)
+    assert scores is not None and none == {0: []}
+    assert finishes[0].reason == "length" and finishes[0].completion_tokens == 0
+    assert len(scores.logprobs) == len(prompt) + len(made)
+    assert scores.logprobs[0] is None and scores.top[0] == []
+    assert all(lp is not None and lp < 0 for lp in scores.logprobs[1:])
+    for ev, lp, top in zip(made, scores.logprobs[len(prompt):], scores.top[len(prompt):],
+                           strict=True):
+        assert ev.logprob is not None and lp == pytest.approx(ev.logprob, abs=2e-3)
+        assert top[0][0] == ev.token  # greedy: the chosen token was the most likely one
+        assert len(top) == 2
+
+
+def test_long_prompt_scored_in_chunks(smollm_gguf: Path) -> None:
+    """A scored prompt longer than SCORE_CHUNK is decoded over several steps, whole (no prefix
+    restored: restored positions have no logits), and the scores line up."""
+    eng = ChatEngine(smollm_gguf, EngineConfig(parallel=2, ctx_per_seq=512, prefix_slots=1))
+    try:
+        prompt = eng.tokenize("one two three four five six seven eight nine ten " * 8,
+                              True, False)
+        assert len(prompt) > 2 * SCORE_CHUNK
+        _answer(eng, prompt)  # cached now: a plain request would restore it
+        s = Stream()
+        eng.submit(GenerationRequest(prompt, 1, Sampling(temperature=0), logprobs=0,
+                                     prompt_logprobs=True), s)
+        _, finishes, scores = choices(s, 1)
+        assert scores is not None and len(scores.logprobs) == len(prompt)
+        assert finishes[0].cached_tokens == 0
+        late = sorted(lp for lp in scores.logprobs[-20:] if lp is not None)
+        assert late[len(late) // 2] > -0.5  # the repeated text is predictable: aligned
+        head = Stream()  # a shorter prompt scores its tokens as the longer one did
+        eng.submit(GenerationRequest(prompt[:40], 0, Sampling(temperature=0), logprobs=0,
+                                     prompt_logprobs=True), head)
+        shorter = choices(head, 1)[2]
+        assert shorter is not None and shorter.logprobs[0] is None
+        assert shorter.logprobs[1:] == pytest.approx(scores.logprobs[1:40], abs=2e-3)
+    finally:
+        eng.close()

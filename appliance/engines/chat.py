@@ -39,14 +39,14 @@ import random
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from appliance.engines import prompt
-from appliance.engines.events import Event, Finish, Outbox, Stream, TokenEvent
+from appliance.engines.events import Event, Finish, Outbox, PromptScores, Stream, TokenEvent
 from appliance.engines.lanes import CoreLanes, physical_cores
 from appliance.engines.prefix import PrefixCache
 from appliance.engines.textstream import TextAssembler
@@ -56,6 +56,7 @@ __all__ = ["ChatEngine", "EngineBusy", "EngineConfig", "Event", "Finish", "Gener
            "GrammarError", "Sampling", "Stream", "TokenEvent"]
 
 log = logging.getLogger(__name__)
+SCORE_CHUNK = 32  # prompt tokens scored per step: each keeps a row of n_vocab logits
 
 
 class EngineBusy(Busy):
@@ -112,7 +113,7 @@ class Sampling:
 @dataclass
 class GenerationRequest:
     prompt: list[int]
-    max_tokens: int
+    max_tokens: int  # 0: only decode (and score) the prompt
     sampling: Sampling = field(default_factory=Sampling)
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None
@@ -120,6 +121,11 @@ class GenerationRequest:
     # A sampler chain made in advance by `make_sampler` (off the scheduler thread: compiling a
     # grammar takes time). The engine owns and frees it once `submit` is called.
     sampler: Any = None
+    n: int = 1  # choices: sequences that decode the prompt once and then sample apart
+    prompt_logprobs: bool = False  # score the prompt's own tokens too (a PromptScores event)
+    # the engine's bookkeeping: choices admitted so far, samplers cloned for the others
+    admitted: int = field(default=0, init=False)
+    clones: list[Any] = field(default_factory=list, init=False)
 
 
 @dataclass
@@ -138,6 +144,9 @@ class _Seq:
     draft: list[int] = field(default_factory=list)
     speculate: bool = False
     greedy: bool = False  # plain argmax over the logits (plus logit_bias): no sampler needed
+    index: int = 0  # the choice
+    cached: int = 0  # prompt tokens restored from another stream
+    scores: list[tuple[float, list[tuple[int, float]]]] | None = None  # prompt logprobs so far
 
     @property
     def prompt(self) -> list[int]:
@@ -214,13 +223,16 @@ class ChatEngine:
         return raw.decode("utf-8", "replace") if raw else None
 
     def chat_prompt(self, messages: list[dict[str, Any]],
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+                    tools: list[dict[str, Any]] | None = None,
+                    parallel: bool = True) -> list[int]:
         """The prompt tokens for a conversation, through the model's chat template; the answer
-        starts right after them. Raises RequestError when the model has no template, and
-        TemplateFailure when the template refuses these messages."""
+        starts right after them (`parallel`: several tool calls may answer). Raises
+        RequestError when the model has no template, and TemplateFailure when the template
+        refuses these messages."""
         if not self.template:
             raise NoTemplate(f"model {self.path.stem} has no chat template; use /v1/completions")
-        text = prompt.render(self.template, messages, bos=self.bos, eos=self.eos, tools=tools)
+        text = prompt.render(self.template, messages, bos=self.bos, eos=self.eos, tools=tools,
+                             parallel=parallel)
         add_bos = not (self.bos and text.startswith(self.bos))
         return self.tokenize(text, add_special=add_bos, parse_special=True)
 
@@ -307,6 +319,8 @@ class ChatEngine:
         try:
             if len(req.prompt) + req.max_tokens > self.ctx_per_seq:
                 raise ContextTooLong(f"prompt + max_tokens exceed {self.ctx_per_seq} tokens")
+            if req.n < 1 or not req.prompt:
+                raise ApplianceError("a request needs a prompt and at least one choice")
             if req.grammar and req.sampler is None:
                 raise ApplianceError("a request with a grammar needs its sampler made first")
             with self._lock:
@@ -321,10 +335,13 @@ class ChatEngine:
             raise
 
     def discard(self, req: GenerationRequest) -> None:
-        """Free a request's prepared sampler (it will not run)."""
+        """Free a request's prepared samplers (it, or its remaining choices, will not run)."""
         if req.sampler is not None:
             self._ll.llama_sampler_free(req.sampler)
             req.sampler = None
+        for clone in req.clones:
+            self._ll.llama_sampler_free(clone)
+        req.clones = []
 
     @property
     def queue_depth(self) -> int:
@@ -369,23 +386,39 @@ class ChatEngine:
     # --- the scheduler thread -----------------------------------------------------------------
 
     def _admit(self) -> None:
+        """Start waiting choices in free streams. A request's first choice starts alone; the
+        others wait until it has decoded the prompt, then copy its KV stream."""
         held: deque[tuple[GenerationRequest, Stream]] = deque()
         while self._waiting and self._free_ids:
             req, stream = self._waiting.popleft()
+            k = req.admitted
             if stream.cancelled:
                 self.discard(req)
-                self._outbox.put(stream, Finish("cancelled", len(req.prompt), 0))
+                for index in range(k, req.n):
+                    self._outbox.put(stream, Finish("cancelled", len(req.prompt), 0, index=index))
                 continue
-            if self._prefix.in_flight(req.prompt, self._active):
+            if k == 0 and not req.prompt_logprobs and self._prefix.in_flight(req.prompt,
+                                                                               self._active):
                 held.append((req, stream))  # admitted once that prefill is done, then copied
                 continue
-            try:
-                sampler, req.sampler = req.sampler or self.make_sampler(req), None
-            except ApplianceError as exc:
-                self._outbox.put(stream, Finish("error", len(req.prompt), 0, error=exc.message))
+            if k and any(s.req is req and s.done_prompt < len(req.prompt) for s in self._active):
+                held.append((req, stream))  # a sibling is still decoding the prompt
                 continue
+            try:
+                sampler = self._choice_sampler(req, k)
+            except ApplianceError as exc:
+                self.discard(req)
+                self._outbox.put(stream, Finish("error", len(req.prompt), 0, error=exc.message,
+                                                index=k))
+                continue
+            req.admitted += 1
+            if req.admitted < req.n:
+                self._waiting.appendleft((req, stream))
             # the lowest free id: llama.cpp batches sequences whose ids are consecutive
-            seq = _Seq(req, stream, self._free_ids.pop(0), sampler, TextAssembler(req.stop))
+            seq = _Seq(req, stream, self._free_ids.pop(0), sampler, TextAssembler(req.stop),
+                       index=k)
+            if req.prompt_logprobs and k == 0:
+                seq.scores = []
             s = req.sampling
             # greedy only, and no sampler state (penalties remember tokens; a grammar would
             # have to be rewound): logit_bias is applied at every verified position
@@ -402,18 +435,48 @@ class ChatEngine:
             self.stats["requests"] += 1
         self._waiting.extendleft(reversed(held))
 
+    def _choice_sampler(self, req: GenerationRequest, k: int) -> Any:
+        """The sampler of choice `k`. Each choice draws from its own seed (seed + k when the
+        client gave one); a grammar's compiled sampler is cloned for the other choices before
+        the first one samples, so every choice starts from the grammar's initial state."""
+        ll = self._ll
+        if k == 0:
+            if req.n > 1 and req.sampler is not None:
+                req.clones = [ll.llama_sampler_clone(req.sampler) for _ in range(req.n - 1)]
+            sampler, req.sampler = req.sampler or self.make_sampler(req), None
+            return sampler
+        s = req.sampling
+        seed = (s.seed + k) & 0xFFFFFFFF if s.seed is not None else random.getrandbits(32)
+        if not req.clones:
+            return self.make_sampler(replace(req, sampling=replace(s, seed=seed)))
+        chain = req.clones.pop(0)
+        if s.temperature > 0:  # the chain ends with its random draw: draw from another seed
+            ll.llama_sampler_free(ll.llama_sampler_chain_remove(
+                chain, ll.llama_sampler_chain_n(chain) - 1))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
+        return chain
+
     def _restore_prefix(self, seq: _Seq) -> None:
         """Start `seq` from the stream that shares the longest prefix with its prompt: copied
-        whole, then cut to the shared length (at least one prompt token is left to decode)."""
-        slot, keep = self._prefix.source(seq.req.prompt, self._active)
-        if slot < 0:
+        whole, then cut to the shared length (at least one prompt token is left to decode).
+        A later choice copies its first choice's prompt whole; a scored prompt is decoded in
+        full, as restored positions have no logits."""
+        if seq.scores is not None:
+            return
+        sibling = next((s for s in self._active if s.req is seq.req
+                        and s.done_prompt == len(s.prompt)), None)
+        if sibling is not None:
+            slot, keep = sibling.seq_id, len(seq.prompt) - 1
+        else:
+            slot, keep = self._prefix.source(seq.req.prompt, self._active)
+        if slot < 0 or keep <= 0:
             return
         ll = self._ll
         ll.llama_memory_seq_cp(self._mem, slot, seq.seq_id, -1, -1)
         if not ll.llama_memory_seq_rm(self._mem, seq.seq_id, keep, -1):
             ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)  # cannot cut: start afresh
             return
-        seq.done_prompt = keep
+        seq.done_prompt = seq.cached = keep
         self._prefix.used(slot)
         self.stats["prefix_hits"] += 1
         self.stats["prefix_tokens"] += keep
@@ -434,8 +497,8 @@ class ChatEngine:
 
     def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
         tail = "" if reason in ("cancelled", "error") else seq.text.flush()
-        self._outbox.put(seq.stream, Finish(reason, len(seq.req.prompt), seq.generated, tail, error,
-                               seq.ttft))
+        self._outbox.put(seq.stream, Finish(reason, len(seq.req.prompt), seq.generated, tail,
+                                            error, seq.ttft, seq.index, seq.cached))
         self._release(seq)
 
     def _run(self) -> None:
@@ -461,7 +524,7 @@ class ChatEngine:
             for seq in list(self._active):
                 self._outbox.put(seq.stream, Finish(
                     "error", len(seq.req.prompt), seq.generated,
-                    error=f"engine failure: {type(exc).__name__}"))
+                    error=f"engine failure: {type(exc).__name__}", index=seq.index))
             self._outbox.flush()
             self._stop = True
             raise
@@ -479,6 +542,7 @@ class ChatEngine:
         n = 0
         outputs: list[tuple[_Seq, int]] = []
         prefilled: list[_Seq] = []
+        scored: list[tuple[_Seq, int, int, int]] = []  # seq, first position, batch index, count
 
         def add(token: int, pos: int, seq_id: int, logits: bool) -> None:
             nonlocal n
@@ -506,10 +570,15 @@ class ChatEngine:
                 seq.draft = seq.draft[:k]
                 continue
             take = min(len(seq.req.prompt) - seq.done_prompt, room)
+            if seq.scores is not None:  # every position's logits: bounded memory per step
+                take = min(take, SCORE_CHUNK)
             if take <= 0:
                 continue
+            if seq.scores is not None:
+                scored.append((seq, seq.done_prompt, n, take))
             for i in range(seq.done_prompt, seq.done_prompt + take):
-                add(seq.req.prompt[i], i, seq.seq_id, i == len(seq.req.prompt) - 1)
+                add(seq.req.prompt[i], i, seq.seq_id,
+                    i == len(seq.req.prompt) - 1 or seq.scores is not None)
             seq.done_prompt += take
             room -= take
             if seq.done_prompt == len(seq.req.prompt):
@@ -525,13 +594,31 @@ class ChatEngine:
             for seq in in_batch.values():
                 self._finish(seq, "error", f"llama_decode failed with code {rc}")
             return
+        for seq, first, idx, count in scored:
+            self._score(seq, first, idx, count)
         for seq in prefilled:
             self._save_prefix(seq)  # before sampling: a sequence may finish at once
         for seq, idx in outputs:
-            if seq.draft:
+            if seq.req.max_tokens == 0:  # prompt scoring only
+                self._finish(seq, "length")
+            elif seq.draft:
                 self._verify(seq, idx)
             else:
                 self._sample(seq, idx)
+
+    def _score(self, seq: _Seq, first: int, idx: int, count: int) -> None:
+        """Log-probabilities of prompt tokens first+1 .. first+count, from the logits at batch
+        rows idx .. idx+count-1; sent once the whole prompt is scored."""
+        assert seq.scores is not None
+        prompt, top_n = seq.req.prompt, seq.req.logprobs or 0
+        for j in range(count):
+            if first + j + 1 < len(prompt):
+                seq.scores.append(_logprobs(self._ll.llama_get_logits_ith(self._ctx, idx + j),
+                                            self.n_vocab, prompt[first + j + 1], top_n))
+        if seq.done_prompt == len(prompt):
+            self._outbox.put(seq.stream, PromptScores(
+                [None, *(lp for lp, _ in seq.scores)], [[], *(top for _, top in seq.scores)],
+                seq.index))
 
     def _sample(self, seq: _Seq, idx: int) -> None:
         ll = self._ll
@@ -597,7 +684,7 @@ class ChatEngine:
         if seq.speculate:
             seq.history.append(token)
         text = seq.text.feed(self.piece(token))
-        self._outbox.put(seq.stream, TokenEvent(text, token, logprob, top))
+        self._outbox.put(seq.stream, TokenEvent(text, token, logprob, top, seq.index))
         if seq.text.stopped:
             self._finish(seq, "stop")
         elif seq.generated >= seq.req.max_tokens:

@@ -1,5 +1,6 @@
-"""What a chat engine hands back: token events and one Finish per request, carried from the
-scheduler thread to a consumer (an event loop, or a plain thread in tests and benchmarks)."""
+"""What a chat engine hands back: token events and one Finish per choice (a request asks for
+`n` choices; events carry the choice's index), carried from the scheduler thread to a consumer
+(an event loop, or a plain thread in tests and benchmarks)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Event", "Finish", "Outbox", "Stream", "TokenEvent"]
+__all__ = ["Event", "Finish", "Outbox", "PromptScores", "Stream", "TokenEvent"]
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,18 @@ class TokenEvent:
     token: int
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None
+    index: int = 0  # the choice
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """The log-probability of each prompt token given the ones before it (the first has none:
+    None), with the `top` alternatives at each position; sent once the prompt is decoded, for
+    requests that ask (echo with logprobs)."""
+
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]]]
+    index: int = 0
 
 
 @dataclass(frozen=True)
@@ -27,9 +40,11 @@ class Finish:
     text: str = ""  # text released at the very end (held-back partial stop strings)
     error: str | None = None
     ttft: float | None = None
+    index: int = 0
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not decoded
 
 
-Event = TokenEvent | Finish
+Event = TokenEvent | PromptScores | Finish
 
 
 class Stream:

@@ -19,8 +19,9 @@ from appliance.errors import RequestError
 
 TOOL_INSTRUCTIONS = (
     "You can call these functions. To call one, answer with only a JSON object "
-    '{{"name": <function name>, "arguments": <arguments object>}}.\nFunctions:\n{tools}'
+    '{{"name": <function name>, "arguments": <arguments object>}}.{several}\nFunctions:\n{tools}'
 )
+SEVERAL_CALLS = " To call several at once, write one such object per line."
 
 
 class TemplateFailure(RequestError):
@@ -54,12 +55,13 @@ def mentions_tools(source: str) -> bool:
 
 
 def render(source: str, messages: list[dict[str, Any]], *, bos: str, eos: str,
-           tools: list[dict[str, Any]] | None = None) -> str:
-    """The prompt text for `messages`, ending where the assistant's answer begins."""
+           tools: list[dict[str, Any]] | None = None, parallel: bool = True) -> str:
+    """The prompt text for `messages`, ending where the assistant's answer begins. `parallel`:
+    the model may answer several tool calls at once."""
     if tools and not mentions_tools(source):
         # The template has no notion of tools: describe them in a system message instead.
         described = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
-        note = TOOL_INSTRUCTIONS.format(tools=described)
+        note = TOOL_INSTRUCTIONS.format(tools=described, several=SEVERAL_CALLS if parallel else "")
         if messages and messages[0]["role"] == "system":
             messages = [{**messages[0], "content": f"{messages[0]['content']}\n\n{note}"},
                         *messages[1:]]
@@ -69,6 +71,7 @@ def render(source: str, messages: list[dict[str, Any]], *, bos: str, eos: str,
     try:
         return str(_compile(source).render(
             messages=messages, tools=tools, add_generation_prompt=True,
+            parallel_tool_calls=parallel,
             bos_token=bos, eos_token=eos))
     except TemplateFailure:
         raise

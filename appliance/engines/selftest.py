@@ -16,7 +16,7 @@ import numpy as np
 from appliance.bundle import manifest as mf
 from appliance.engines.base import ChatBackend, EmbedBackend, TranscribeBackend
 from appliance.engines.chat import GenerationRequest, Sampling
-from appliance.engines.events import Finish, Stream
+from appliance.engines.events import Finish, PromptScores, Stream
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ def greedy_answer(engine: ChatBackend, message: str, max_tokens: int) -> str:
     text = ""
     while True:
         event = stream.get_sync(timeout=300)
+        if isinstance(event, PromptScores):  # not asked for here
+            continue
         text += event.text
         if isinstance(event, Finish):
             if event.reason == "error":
