@@ -8,6 +8,8 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import jsonschema
@@ -129,14 +131,62 @@ def test_tool_call(client: openai.OpenAI) -> None:
 
 
 def test_tool_call_streamed(client: openai.OpenAI) -> None:
+    """As OpenAI streams them: a first delta with the id, type and name, then the arguments in
+    fragments as the model writes them."""
     chunks = list(client.chat.completions.create(
         model=MODEL, temperature=0, max_tokens=60, tools=TOOLS,
         tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream=True,
         messages=[{"role": "user", "content": "Weather in Oslo?"}]))
     calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
-    assert len(calls) == 1 and calls[0].function and calls[0].function.name == "get_weather"
-    assert "city" in json.loads(calls[0].function.arguments or "")
+    first, rest = calls[0], calls[1:]
+    assert first.id and first.type == "function" and first.index == 0
+    assert first.function and first.function.name == "get_weather"
+    assert len(rest) > 3 and all(d.index == 0 and not d.id for d in rest)
+    args = "".join(d.function.arguments or "" for d in calls if d.function)
+    assert "city" in json.loads(args)
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_tool_call_cut_off_by_max_tokens(client: openai.OpenAI, stream: bool) -> None:
+    """A forced call that max_tokens cuts short is still a call, its arguments as far as the
+    model got, with finish_reason "length"; never content."""
+    args: Any = {"model": MODEL, "temperature": 0, "max_tokens": 14, "tools": TOOLS,
+                 "tool_choice": "required",
+                 "messages": [{"role": "user", "content": "What's the weather in Paris?"}]}
+    if stream:
+        chunks = list(client.chat.completions.create(**args, stream=True))
+        assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+        deltas = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+        name = deltas[0].function and deltas[0].function.name
+        text = "".join(d.function.arguments or "" for d in deltas if d.function)
+        reason = chunks[-1].choices[0].finish_reason
+    else:
+        r = client.chat.completions.create(**args)
+        assert r.choices[0].message.content is None
+        (call,) = r.choices[0].message.tool_calls or []
+        name, text, reason = call.function.name, call.function.arguments, r.choices[0].finish_reason
+    assert reason == "length" and name == "get_weather"
+    assert text.startswith("{")
+    with pytest.raises(ValueError):
+        json.loads(text)  # cut inside the arguments
+
+
+def test_parallel_tool_calls(client: openai.OpenAI) -> None:
+    """Calls of one answer each parse; parallel_tool_calls=false allows one at most."""
+    ask: Any = [{"role": "user", "content": "What's the weather in Paris and in Oslo?"}]
+    for parallel in (True, False):
+        r = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=120,
+                                           tools=TOOLS, tool_choice="required", messages=ask,
+                                           parallel_tool_calls=parallel)
+        calls = r.choices[0].message.tool_calls or []
+        assert calls and r.choices[0].finish_reason in ("tool_calls", "length")
+        assert len(calls) == 1 or parallel
+        for call in calls[:-1] if r.choices[0].finish_reason == "length" else calls:
+            assert call.function.name == "get_weather"
+            assert "city" in json.loads(call.function.arguments)
+        assert len({c.id for c in calls}) == len(calls)
 
 
 def test_stop_sequence(client: openai.OpenAI) -> None:
@@ -200,7 +250,7 @@ def test_completions(client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize("kwargs,param,code", [
-    ({"n": 2}, "n", None),
+    ({"n": 9}, "n", None),  # past max_n
     ({"temperature": 5}, "temperature", None),
     ({"extra_body": {"mirostat": 2}}, "mirostat", None),
     ({"top_logprobs": 2}, "top_logprobs", None),
@@ -383,3 +433,83 @@ def test_slow_connection_flood_is_bounded(tmp_path: Path,
         for s in held:
             s.close()
         srv.stop()
+
+
+def test_n_choices(client: openai.OpenAI) -> None:
+    """n choices from one prefill: each its own sample, the prompt counted once; streamed,
+    each choice's chunks carry its index and the same seed gives the same choices."""
+    one = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=20)
+    args: Any = {"model": MODEL, "messages": ASK, "max_tokens": 20, "temperature": 1.0,
+                 "seed": 11, "n": 3}
+    r = client.chat.completions.create(**args)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.message.content or "" for c in r.choices]
+    assert len(set(texts)) > 1
+    assert r.usage and one.usage and r.usage.prompt_tokens == one.usage.prompt_tokens
+    assert r.usage.completion_tokens > 20
+    chunks = list(client.chat.completions.create(**args, stream=True,
+                                                 stream_options={"include_usage": True}))
+    streamed = ["", "", ""]
+    for c in chunks:
+        for choice in c.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == texts
+    assert chunks[-1].usage == r.usage
+
+
+def test_cached_tokens_reported(client: openai.OpenAI) -> None:
+    system = "You answer questions about the appliance, a small offline server. " * 8
+    ask: Any = [{"role": "system", "content": system + str(time.time())},
+                {"role": "user", "content": "What is it?"}]
+    first = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=4)
+    ask[1]["content"] = "What does it serve?"
+    second = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=4)
+    assert first.usage and first.usage.prompt_tokens_details
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    details = second.usage and second.usage.prompt_tokens_details
+    assert details and 64 <= (details.cached_tokens or 0) < second.usage.prompt_tokens  # type: ignore[union-attr]
+
+
+def test_completion_logprobs_streamed(client: openai.OpenAI) -> None:
+    args: Any = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6,
+                 "temperature": 0, "logprobs": 2}
+    plain = client.completions.create(**args).choices[0].logprobs
+    chunks = [c.choices[0] for c in client.completions.create(**args, stream=True)]
+    assert plain and all(c.logprobs is not None for c in chunks)
+    tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens or []]
+    lps = [t for c in chunks if c.logprobs for t in c.logprobs.token_logprobs or []]
+    offsets = [t for c in chunks if c.logprobs for t in c.logprobs.text_offset or []]
+    assert tokens == plain.tokens and offsets == plain.text_offset
+    assert lps == pytest.approx(plain.token_logprobs, abs=1e-3)
+    assert all(len(top) == 2 for c in chunks if c.logprobs for top in c.logprobs.top_logprobs or [])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_logprobs_score_the_prompt(client: openai.OpenAI, stream: bool) -> None:
+    """Echo with logprobs scores the prompt (as evaluation harnesses do, with max_tokens=0):
+    the prompt's tokens get the logprobs they had when the model generated them, and
+    text_offset indexes the returned text."""
+    prompt = "The capital of France is"
+    made = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                     logprobs=1).choices[0]
+    assert made.logprobs and made.logprobs.tokens
+    args: Any = {"model": MODEL, "prompt": prompt + made.text, "max_tokens": 0, "echo": True,
+                 "logprobs": 1}
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(**args, stream=True)]
+        text = "".join(c.text for c in chunks)
+        lp: Any = SimpleNamespace(**{key: [t for c in chunks if c.logprobs
+                                           for t in getattr(c.logprobs, key) or []]
+                                     for key in ("tokens", "token_logprobs", "text_offset")})
+        assert chunks[-1].finish_reason == "length"
+    else:
+        choice = client.completions.create(**args).choices[0]
+        text, lp = choice.text, choice.logprobs
+        assert choice.finish_reason == "length"
+    assert text == prompt + made.text
+    ends = [*lp.text_offset[1:], len(text)]
+    assert [text[a:b] for a, b in zip(lp.text_offset, ends, strict=True)] == lp.tokens
+    assert lp.token_logprobs[0] is None and all(x < 0 for x in lp.token_logprobs[1:])
+    n = len(made.logprobs.tokens)
+    assert lp.tokens[-n:] == made.logprobs.tokens
+    assert lp.token_logprobs[-n:] == pytest.approx(made.logprobs.token_logprobs, abs=2e-2)

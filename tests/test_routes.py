@@ -145,7 +145,8 @@ def test_tool_call_history_with_quotes_in_the_name(sdk: openai.OpenAI, fakes: Fa
 @pytest.mark.parametrize(("kwargs", "status", "param", "code"), [
     ({"model": "nope"}, 404, "model", "model_not_found"),
     ({"model": EMBED}, 404, "model", "model_not_found"),
-    ({"n": 2}, 400, "n", None),
+    ({"n": 9}, 400, "n", None),  # past max_n
+    ({"n": 0}, 400, "n", None),
     ({"logit_bias": {"9999999": 1}}, 400, "logit_bias", None),
     ({"logit_bias": {"\u00b2": 1}}, 400, "logit_bias", None),
     ({"logit_bias": {"1" * 5000: 1}}, 400, "logit_bias", None),

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from appliance.api import grammar, responses
+from appliance.api import grammar, responses, toolcalls
 from appliance.api.errors import blame
 from appliance.api.generation import (
     allowed_models,
     answer_limit,
     check_chars,
     check_logit_bias,
-    collect,
+    choice_count,
+    collect_choices,
     events,
     logprob_entry,
     prepare_grammar,
@@ -29,7 +30,7 @@ from appliance.api.protocol import ChatCompletionRequest, NamedToolChoice, refus
 from appliance.api.sse import DONE, sse, sse_error
 from appliance.engines.base import ChatBackend
 from appliance.engines.chat import GenerationRequest
-from appliance.engines.events import Finish, Stream
+from appliance.engines.events import Finish, PromptScores, Stream
 from appliance.serve.runtime import Served
 
 router = APIRouter()
@@ -73,7 +74,8 @@ def answer_grammar(req: ChatCompletionRequest) -> str | None:
         assert req.tools is not None
         only = req.tool_choice.function.name if isinstance(req.tool_choice,
                                                            NamedToolChoice) else None
-        return grammar.tool_call(req.tools, only)
+        return grammar.tool_call(req.tools, only, parallel=only is None
+                                 and req.parallel_tool_calls is not False)
     rf = req.response_format
     if rf is None or rf.type == "text":
         return None
@@ -83,10 +85,29 @@ def answer_grammar(req: ChatCompletionRequest) -> str | None:
     return grammar.json_schema(rf.json_schema.schema_)
 
 
+def tool_parser(req: ChatCompletionRequest) -> toolcalls.Parser | None:
+    """A reader of the tool calls in one answer; None when no call is possible."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    only = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
+    names = [only] if only else [t.function.name for t in req.tools]
+    return toolcalls.Parser(names, forced=forced_tool(req),
+                            parallel=req.parallel_tool_calls is not False)
+
+
+def finish_reason(reason: str, parser: toolcalls.Parser | None) -> str:
+    """A call cut off by max_tokens still ends with `length`, so the client knows its
+    arguments may be incomplete."""
+    if parser is not None and parser.calls and reason != "length":
+        return "tool_calls"
+    return reason
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response | dict[
         str, Any]:
     req.check()
+    n = choice_count(req, request)
     served = runtime(request).chat(req.model, allowed_models(request))
     engine = served.engine
     refuse_media(req.messages, served.id)
@@ -95,79 +116,99 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     tools = None
     if req.tools and req.tool_choice != "none":
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    parallel = req.parallel_tool_calls is not False
     with blame("messages"):
-        prompt = await asyncio.to_thread(engine.chat_prompt, messages(req), tools)
+        prompt = await asyncio.to_thread(engine.chat_prompt, messages(req), tools, parallel)
         max_tokens = answer_limit(engine, len(prompt), req.token_limit,
                                   runtime(request).settings.default_max_tokens)
     forced = forced_tool(req)
     top = (req.top_logprobs or 0) if req.logprobs else None
-    gen = GenerationRequest(prompt, max_tokens, sampling(req), req.stops, None, top)
+    gen = GenerationRequest(prompt, max_tokens, sampling(req), req.stops, None, top, n=n)
     if forced or (req.response_format and req.response_format.type != "text"):
         with blame("tools" if forced else "response_format"):
             await prepare_grammar(engine, gen, lambda: answer_grammar(req))
     with blame("messages"):
         stream = submit(engine, gen)
     envelope = responses.Envelope(served, responses.new_id("chatcmpl"), "chat.completion")
-    tools_possible = bool(req.tools) and req.tool_choice != "none"
     if req.stream:
         envelope.base["object"] = "chat.completion.chunk"
-        return StreamingResponse(
-            _stream(served, req, stream, request, envelope, tools_possible, forced),
-            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    text, got, finish = await collect(stream, request)
-    if finish is None:
+        return StreamingResponse(_stream(served, req, n, stream, request, envelope),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    got = await collect_choices(stream, request, n)
+    if got is None:
         return Response(status_code=499)
-    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-    reason = finish.reason
-    call = grammar.parse_tool_call(text, req.tools) if tools_possible and req.tools else None
-    if call is not None:
-        message["content"] = None
-        message["tool_calls"] = [responses.tool_call(*call)]
-        reason = "tool_calls"
-    logprobs = ({"content": [logprob_entry(served, ev) for ev in got], "refusal": None}
-                if req.logprobs else None)
-    return envelope.chat([{"index": 0, "message": message, "finish_reason": reason,
-                           "logprobs": logprobs}], responses.usage(finish))
+    choices = []
+    for i, choice in enumerate(got):
+        assert choice.finish is not None
+        message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
+        parser = tool_parser(req)
+        if parser is not None:
+            said = "".join(ev.text for ev in parser.feed(choice.text) + parser.close()
+                           if isinstance(ev, toolcalls.Text))
+            if parser.calls:
+                message["content"] = said if said.strip() else None
+                message["tool_calls"] = [responses.tool_call(c) for c in parser.calls]
+        logprobs = ({"content": [logprob_entry(served, ev) for ev in choice.tokens],
+                     "refusal": None} if req.logprobs else None)
+        choices.append({"index": i, "message": message, "logprobs": logprobs,
+                        "finish_reason": finish_reason(choice.finish.reason, parser)})
+    return envelope.chat(choices, responses.usage(c.finish for c in got if c.finish))
 
 
-async def _stream(served: Served[ChatBackend], req: ChatCompletionRequest, stream: Stream,
-                  request: Request, envelope: responses.Envelope, tools_possible: bool,
-                  forced_tool: bool) -> AsyncIterator[bytes]:
+def _deltas(evs: Sequence[toolcalls.ToolEvent]) -> list[dict[str, Any]]:
+    """Chunk deltas for the events of one token: text, or a call's start or arguments."""
+    out: list[dict[str, Any]] = []
+    for ev in evs:
+        if isinstance(ev, toolcalls.Text):
+            out.append({"content": ev.text})
+        elif (call := responses.tool_call_delta(ev)) is not None:
+            out.append({"tool_calls": [call]})
+    return out
+
+
+async def _stream(served: Served[ChatBackend], req: ChatCompletionRequest, n: int,
+                  stream: Stream, request: Request,
+                  envelope: responses.Envelope) -> AsyncIterator[bytes]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    parsers = [tool_parser(req) for _ in range(n)]
+    # logprobs of tokens whose text is not out yet (held back, or inside a call) ride along
+    # with the next chunk of their choice
+    pending: list[list[dict[str, Any]]] = [[] for _ in range(n)]
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
-        return sse(envelope.chat_chunk(delta, finish, logprobs, include_usage))
+    def chunk(i: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        lp = None
+        if req.logprobs:
+            lp, pending[i] = {"content": pending[i], "refusal": None}, []
+        return sse(envelope.chat_chunk(delta, finish, lp, include_usage, i))
 
-    yield chunk({"role": "assistant", "content": ""})
-    # A tool call is only known once its JSON is complete: hold text back while it may be one.
-    held, holding = "", forced_tool
-    async for ev in events(stream, request):
+    for i in range(n):
+        yield sse(envelope.chat_chunk({"role": "assistant", "content": ""}, None, None,
+                                      include_usage, i))
+    finishes: list[Finish] = []
+    async for ev in events(stream, request, n):
+        i, parser = ev.index, parsers[ev.index]
+        if isinstance(ev, PromptScores):
+            continue
         if isinstance(ev, Finish):
             if ev.reason == "error":
                 yield sse_error(ev.error)
                 break
-            held += ev.text
-            call = grammar.parse_tool_call(held, req.tools or []) if tools_possible else None
-            reason = ev.reason
-            if call is not None:
-                yield chunk({"tool_calls": [responses.tool_call(*call, index=0)]})
-                reason = "tool_calls"
-            elif held:
-                yield chunk({"content": held})
-            yield chunk({}, reason)
-            if include_usage:
-                yield sse(envelope.usage_chunk(ev))
-            break
-        lp = {"content": [logprob_entry(served, ev)], "refusal": None} if req.logprobs else None
-        if tools_possible and not holding and not held and not ev.text.strip():
-            held += ev.text
+            if ev.reason == "cancelled":
+                break
+            last = (parser.feed(ev.text) + parser.close() if parser else
+                    [toolcalls.Text(ev.text)] if ev.text else [])
+            for delta in _deltas(last):
+                yield chunk(i, delta)
+            yield chunk(i, {}, finish_reason(ev.reason, parser))
+            finishes.append(ev)
             continue
-        if tools_possible and not holding and (held + ev.text).lstrip()[:1] in ("{", "<"):
-            holding = True
-        if holding:
-            held += ev.text
-            continue
-        text, held = held + ev.text, ""
-        if text or lp:
-            yield chunk({"content": text}, logprobs=lp)
+        if req.logprobs:
+            pending[i].append(logprob_entry(served, ev))
+        said = (parser.feed(ev.text) if parser else
+                [toolcalls.Text(ev.text)] if ev.text else [])
+        for delta in _deltas(said):
+            yield chunk(i, delta)
+    if include_usage and len(finishes) == n:
+        yield sse(envelope.usage_chunk(finishes))
     yield DONE

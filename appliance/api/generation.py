@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -14,7 +15,7 @@ from fastapi import Request
 from appliance.api.protocol import Sampled
 from appliance.engines.base import ChatBackend
 from appliance.engines.chat import GenerationRequest, Sampling
-from appliance.engines.events import Finish, Stream, TokenEvent
+from appliance.engines.events import Event, Finish, PromptScores, Stream, TokenEvent
 from appliance.errors import ApplianceError, Busy, ContextTooLong, Unsupported
 from appliance.serve.runtime import Runtime, Served
 
@@ -54,6 +55,15 @@ def sampling(req: Sampled) -> Sampling:
         repeat_penalty=req.repetition_penalty or 1.0,
         logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
     )
+
+
+def choice_count(req: Sampled, request: Request) -> int:
+    """The number of choices asked for (`n`), within the server's bound."""
+    n = 1 if req.n is None else req.n
+    limit = runtime(request).settings.max_n
+    if not 1 <= n <= limit:
+        raise Unsupported("n", f"n must be between 1 and {limit} on this server")
+    return n
 
 
 def check_logit_bias(engine: ChatBackend, req: Sampled) -> None:
@@ -115,10 +125,11 @@ def submit(engine: ChatBackend, gen: GenerationRequest) -> Stream:
     return stream
 
 
-async def events(stream: Stream, request: Request) -> AsyncIterator[TokenEvent | Finish]:
-    """Events until Finish. A watcher cancels the sequence if the client goes away (the engine
-    then ends the stream with a `cancelled` Finish); the token path itself waits on nothing
-    else, so each token costs one queue hand-off."""
+async def events(stream: Stream, request: Request, n: int = 1) -> AsyncIterator[Event]:
+    """Events until every one of the `n` choices has finished, or one ended the request
+    (error, cancelled). A watcher cancels the sequences if the client goes away (the engine
+    then ends them with `cancelled`); the token path itself waits on nothing else, so each
+    token costs one queue hand-off."""
 
     async def watch() -> None:
         while not await request.is_disconnected():
@@ -126,30 +137,58 @@ async def events(stream: Stream, request: Request) -> AsyncIterator[TokenEvent |
         stream.cancel()
 
     watcher = asyncio.create_task(watch())
+    left = n
     try:
         while True:
             event = await stream.get()
             yield event
             if isinstance(event, Finish):
-                return
+                left -= 1
+                if not left or event.reason in ("error", "cancelled"):
+                    return
     finally:
         watcher.cancel()
-        stream.cancel()  # no-op when finished; frees the sequence when we stop early
+        stream.cancel()  # no-op when finished; frees the sequences when we stop early
+
+
+@dataclass
+class Choice:
+    """One choice of a non-streamed answer."""
+
+    text: str = ""
+    tokens: list[TokenEvent] = field(default_factory=list)
+    prompt: PromptScores | None = None
+    finish: Finish | None = None
+
+
+async def collect_choices(stream: Stream, request: Request, n: int = 1) -> list[Choice] | None:
+    """The `n` whole answers of a non-streamed request; None if the client left."""
+    choices = [Choice() for _ in range(n)]
+    async for ev in events(stream, request, n):
+        choice = choices[ev.index]
+        if isinstance(ev, TokenEvent):
+            choice.text += ev.text
+            choice.tokens.append(ev)
+        elif isinstance(ev, PromptScores):
+            choice.prompt = ev
+        else:
+            if ev.reason == "error":
+                raise ApplianceError(ev.error or "generation failed")
+            if ev.reason == "cancelled":
+                return None
+            choice.text += ev.text
+            choice.finish = ev
+    return choices if all(c.finish for c in choices) else None
 
 
 async def collect(stream: Stream, request: Request) -> tuple[str, list[TokenEvent],
                                                             Finish | None]:
-    """The whole answer of a non-streamed request; Finish is None if the client left."""
-    text = ""
-    got: list[TokenEvent] = []
-    async for ev in events(stream, request):
-        text += ev.text
-        if isinstance(ev, Finish):
-            if ev.reason == "error":
-                raise ApplianceError(ev.error or "generation failed")
-            return text, got, None if ev.reason == "cancelled" else ev
-        got.append(ev)
-    return text, got, None
+    """The whole answer of a non-streamed request of one choice; Finish is None if the client
+    left."""
+    got = await collect_choices(stream, request)
+    if got is None:
+        return "", [], None
+    return got[0].text, got[0].tokens, got[0].finish
 
 
 def logprob_entry(served: Served[ChatBackend], ev: TokenEvent) -> dict[str, Any]:

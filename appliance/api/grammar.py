@@ -171,8 +171,12 @@ def json_schema(schema: dict[str, Any]) -> str:
     return _gbnf(schema, "response_format.json_schema.schema")
 
 
-def tool_call(tools: list[Tool], only: str | None = None) -> str:
-    """A JSON object {"name": ..., "arguments": {...}} for one of `tools` (or just `only`)."""
+MAX_CALLS = 8  # calls in one forced answer, when parallel calls are allowed
+
+
+def tool_call(tools: list[Tool], only: str | None = None, parallel: bool = False) -> str:
+    """A JSON object {"name": ..., "arguments": {...}} for one of `tools` (or just `only`);
+    with `parallel`, up to MAX_CALLS of them, one per line (what toolcalls.Parser reads)."""
     options = []
     for i, tool in enumerate(tools):
         fn = tool.function
@@ -186,23 +190,11 @@ def tool_call(tools: list[Tool], only: str | None = None) -> str:
             "required": ["name", "arguments"],
         })
     schema = options[0] if len(options) == 1 else {"anyOf": options}
-    return _gbnf(schema, "tools")
+    one = _gbnf(schema, "tools")
+    if not parallel:
+        return one
+    # one call's grammar under a name no converted schema uses, then the calls, one per line
+    renamed = re.sub(r"^root ::=", "one-tool-call ::=", one, count=1, flags=re.MULTILINE)
+    return f'{renamed}\nroot ::= one-tool-call ("\\n" one-tool-call){{0,{MAX_CALLS - 1}}}\n'
 
 
-def parse_tool_call(text: str, tools: list[Tool]) -> tuple[str, str] | None:
-    """(name, arguments JSON) if `text` is a call of one of `tools`, else None."""
-    body = text.strip()
-    for tag in ("<tool_call>", "</tool_call>"):
-        body = body.replace(tag, "")
-    try:
-        call = json.loads(body.strip())
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        return None
-    if call["name"] not in {t.function.name for t in tools}:
-        return None
-    args = call.get("arguments", call.get("parameters", {}))
-    if not isinstance(args, dict):
-        return None
-    return call["name"], json.dumps(args, ensure_ascii=False)

@@ -160,7 +160,8 @@ class Sampled(Strict):
     max_tokens: Annotated[int, Field(ge=1)] | None = Field(default=None, description=(
         "Most tokens to generate. Without it: chat stops at the server's default_max_tokens "
         "(see the model card), completions at 16; a value beyond the context is a 400"))
-    n: int | None = Field(default=None, description="Only 1: send separate requests for more")
+    n: int | None = Field(default=None, description=(
+        "Choices to generate, at most the server's max_n (8 by default); one prefill serves all"))
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     seed: int | None = Field(default=None, description="Makes sampling repeatable")
     stop: str | list[str] | None = Field(default=None, description=(
@@ -192,8 +193,6 @@ class Sampled(Strict):
         return v
 
     def check_common(self) -> None:
-        if self.n not in (None, 1):
-            raise Unsupported("n", "n > 1 is not supported; send separate requests")
         if self.stream_options is not None and not self.stream:
             raise Unsupported("stream_options", "stream_options needs stream=true")
 
@@ -213,7 +212,8 @@ class ChatCompletionRequest(Sampled):
         "OpenAI's newer name for max_tokens"))
     metadata: dict[str, str] | None = None
     modalities: list[str] | None = Field(default=None, description='Only ["text"]')
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: bool | None = Field(default=None, description=(
+        "false: at most one tool call per answer"))
     prediction: Any | None = Field(default=None, description="Not supported (400)")
     reasoning_effort: str | None = Field(default=None, description="Not supported (400)")
     response_format: ResponseFormat | None = Field(default=None, description=(
@@ -262,11 +262,16 @@ class CompletionRequest(Sampled):
     best_of: int | None = Field(default=None, description="Only 1")
     echo: bool | None = Field(default=False, description="Put the prompt before the answer")
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(default=None, description=(
-        "Alternatives per token (0: the chosen token's only)"))
+        "Alternatives per token (0: the chosen token's only); with echo, the prompt's too"))
+    max_tokens: Annotated[int, Field(ge=0)] | None = Field(default=None, description=(
+        "Most tokens to generate (16 by default); 0 with echo scores the prompt alone"))
     suffix: str | None = Field(default=None, description="Not supported (400)")
 
     def check(self) -> None:
         self.check_common()
+        if self.max_tokens == 0 and not self.echo:
+            raise Unsupported("max_tokens", "max_tokens=0 generates nothing; it needs echo=true "
+                                            "(to score the prompt)")
         if self.best_of not in (None, 1):
             raise Unsupported("best_of", "best_of > 1 is not supported")
         if self.suffix:

@@ -27,6 +27,7 @@
     lookup_draft = 0            # prompt-lookup speculation for greedy requests: draft tokens
     default_max_tokens = 1024   # answer length when a request sets no max_tokens (chat; the
                                 # completions default, 16, only if this is smaller)
+    max_n = 8                   # most choices (`n`) one request may ask for
     [hardware]
     prefer = "auto"             # or "cpu"
     memory_fraction = 0.9
@@ -92,6 +93,7 @@ class Settings:
     prefix_slots: int = 2
     lookup_draft: int = 0
     default_max_tokens: int = 1024
+    max_n: int = 8
     prefer: str = "auto"
     memory_fraction: float = 0.9
     aux_cores: int = 1
@@ -240,6 +242,7 @@ def validate(doc: Fields) -> Settings:
         prefix_slots=integer(chat, "prefix_slots", 0, 64),
         lookup_draft=integer(chat, "lookup_draft", 0, 16),
         default_max_tokens=integer(chat, "default_max_tokens", 1, 1 << 20),
+        max_n=integer(chat, "max_n", 1, 128),
         prefer=prefer,
         memory_fraction=hw.number("memory_fraction", lo=0.05, hi=1.0, default=d.memory_fraction),
         aux_cores=integer(hw, "aux_cores", 1, 1024),
