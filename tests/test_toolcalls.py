@@ -72,6 +72,8 @@ def test_parallel_false_keeps_only_the_first_call() -> None:
     '{"name": "unknown_tool", "arguments": {}}',
     "<b>bold</b> text",
     "[1, 2, 3]",
+    "\n\n",  # only white space: still the answer
+    "<tool_c",  # the start of a tag, then nothing
 ])
 def test_text_that_is_no_call_is_content_unchanged(text: str) -> None:
     parser, events = feed(text)

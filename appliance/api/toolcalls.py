@@ -246,7 +246,7 @@ class Parser:
     def close(self) -> list[ToolEvent]:
         """The end of generation: release or close whatever is held."""
         out: list[ToolEvent] = []
-        if self._mode == "start" and self._held.strip() and not self._after_call_tags():
+        if self._mode == "start" and self._held and not self._after_call_tags():
             out.append(Text(self._held))
         elif self._mode == "call" and self._scan is not None:
             if self._open is not None:
