@@ -20,6 +20,8 @@ from appliance.device.layout import Layout
 sys.path.insert(0, str(Path(__file__).parent))
 from factory import Factory
 
+pytest_plugins = ["routefixtures"]  # fakes, settings, runtime, sdk, http
+
 PROJECT = Path(__file__).resolve().parent.parent
 
 

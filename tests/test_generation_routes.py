@@ -6,16 +6,13 @@ characters (tests/fakes.py); test_api_chat.py runs the same against the real mod
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from fakes import CHAT, KEY, Fakes, client, fake_runtime, fake_settings
+from fakes import CHAT, KEY, Fakes, fake_settings
 
-from appliance.serve.runtime import Runtime
 from appliance.serve.settings import Settings
 
 TOOLS: Any = [{"type": "function", "function": {
@@ -28,30 +25,8 @@ ASK: Any = [{"role": "user", "content": "Q"}]
 
 
 @pytest.fixture
-def fakes() -> Fakes:
-    return Fakes()
-
-
-@pytest.fixture
 def settings() -> Settings:
     return fake_settings(max_n=4)
-
-
-@pytest.fixture
-def runtime(tmp_path: Path, fakes: Fakes, settings: Settings) -> Iterator[Runtime]:
-    rt = fake_runtime(tmp_path / "root", fakes, settings)
-    yield rt
-    rt.close()
-
-
-@pytest.fixture
-def sdk(runtime: Runtime, settings: Settings) -> openai.OpenAI:
-    return client(runtime, settings)[0]
-
-
-@pytest.fixture
-def http(runtime: Runtime, settings: Settings) -> httpx.Client:
-    return client(runtime, settings)[1]
 
 
 def _events(r: httpx.Response) -> list[Any]:

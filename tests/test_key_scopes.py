@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +31,8 @@ HI: Any = [{"role": "user", "content": "Q"}]
 
 
 @pytest.fixture
-def fakes() -> Fakes:
-    return Fakes()
-
-
-@pytest.fixture
 def settings() -> Settings:
     return fake_settings(api_keys=KEYS)
-
-
-@pytest.fixture
-def runtime(tmp_path: Path, fakes: Fakes, settings: Settings) -> Iterator[Runtime]:
-    rt = fake_runtime(tmp_path / "root", fakes, settings)
-    yield rt
-    rt.close()
 
 
 @pytest.fixture

@@ -4,15 +4,12 @@ and "x yy" get one vector. The same route runs against the real model in test_ap
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fakes import CHAT, EMBED, KEY, WHISPER, Fakes, client, fake_runtime, fake_settings
+from fakes import CHAT, EMBED, KEY, WHISPER, Fakes, fake_settings
 
-from appliance.serve.runtime import Runtime
 from appliance.serve.settings import Settings
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -20,25 +17,8 @@ DOCS = ["one two three", "x yy", "naïve"]  # "x yy" is the query's twin
 
 
 @pytest.fixture
-def fakes() -> Fakes:
-    return Fakes()
-
-
-@pytest.fixture
 def settings() -> Settings:
     return fake_settings(max_embedding_inputs=5, max_embedding_tokens=40)
-
-
-@pytest.fixture
-def runtime(tmp_path: Path, fakes: Fakes, settings: Settings) -> Iterator[Runtime]:
-    rt = fake_runtime(tmp_path / "root", fakes, settings)
-    yield rt
-    rt.close()
-
-
-@pytest.fixture
-def http(runtime: Runtime, settings: Settings) -> httpx.Client:
-    return client(runtime, settings)[1]
 
 
 def _rerank(http: httpx.Client, path: str = "/v1/rerank", **fields: Any) -> httpx.Response:

@@ -8,14 +8,13 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from fakes import CHAT, EMBED, KEY, WHISPER, Fakes, client, fake_runtime, fake_settings, wav
+from fakes import CHAT, EMBED, KEY, WHISPER, Fakes, client, wav
+from routefixtures import api_error
 
 from appliance.api.app import create_app
 from appliance.serve.runtime import Runtime
@@ -25,39 +24,6 @@ TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}]
-
-
-@pytest.fixture
-def fakes() -> Fakes:
-    return Fakes()
-
-
-@pytest.fixture
-def settings() -> Settings:
-    return fake_settings()
-
-
-@pytest.fixture
-def runtime(tmp_path: Path, fakes: Fakes, settings: Settings) -> Iterator[Runtime]:
-    rt = fake_runtime(tmp_path / "root", fakes, settings)
-    yield rt
-    rt.close()
-
-
-@pytest.fixture
-def sdk(runtime: Runtime, settings: Settings) -> openai.OpenAI:
-    return client(runtime, settings)[0]
-
-
-@pytest.fixture
-def http(runtime: Runtime, settings: Settings) -> httpx.Client:
-    return client(runtime, settings)[1]
-
-
-def _error(exc: pytest.ExceptionInfo[openai.APIStatusError]) -> dict[str, Any]:
-    body = exc.value.body
-    assert isinstance(body, dict)
-    return body
 
 
 # --- chat -------------------------------------------------------------------------------------
@@ -166,7 +132,7 @@ def test_chat_errors_map_to_openai_shape(sdk: openai.OpenAI, kwargs: dict[str, A
     with pytest.raises(openai.APIStatusError) as info:
         sdk.chat.completions.create(**args)
     assert info.value.status_code == status
-    body = _error(info)
+    body = api_error(info)
     assert (body["param"], body["code"]) == (param, code), body
 
 
@@ -182,7 +148,7 @@ def test_base_model_cannot_chat(sdk: openai.OpenAI, fakes: Fakes) -> None:
     fakes.chat.template = False
     with pytest.raises(openai.BadRequestError) as info:
         sdk.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Q"}])
-    assert _error(info)["code"] == "no_chat_template"
+    assert api_error(info)["code"] == "no_chat_template"
     assert sdk.completions.create(model=CHAT, prompt="Once").choices[0].text
 
 
@@ -207,10 +173,11 @@ def test_embeddings_and_their_errors(sdk: openai.OpenAI, fakes: Fakes) -> None:
     assert r.usage.prompt_tokens == 7
     with pytest.raises(openai.BadRequestError) as info:
         sdk.embeddings.create(model=EMBED, input=" ".join(["w"] * 100))
-    assert (_error(info)["param"], _error(info)["code"]) == ("input", "context_length_exceeded")
+    error = api_error(info)
+    assert (error["param"], error["code"]) == ("input", "context_length_exceeded")
     with pytest.raises(openai.BadRequestError) as info:
         sdk.embeddings.create(model=EMBED, input=[[1, 99999]])
-    assert _error(info)["code"] == "invalid_token_id"
+    assert api_error(info)["code"] == "invalid_token_id"
 
 
 def test_embeddings_queue_is_bounded(sdk: openai.OpenAI, fakes: Fakes, runtime: Runtime,
@@ -246,10 +213,10 @@ def test_transcription_formats_and_errors(sdk: openai.OpenAI) -> None:
     assert "00:00:00,000 --> 00:00:00,500" in str(srt)
     with pytest.raises(openai.BadRequestError) as info:
         sdk.audio.translations.create(model=WHISPER, file=("a.wav", wav()))
-    assert _error(info)["param"] == "model"
+    assert api_error(info)["param"] == "model"
     with pytest.raises(openai.BadRequestError) as info:
         sdk.audio.transcriptions.create(model=WHISPER, file=("a.wav", b"not audio"))
-    assert _error(info)["param"] == "file"
+    assert api_error(info)["param"] == "file"
 
 
 def test_streamed_transcription(http: httpx.Client) -> None:

@@ -12,48 +12,15 @@ import httpx
 import openai
 import pytest
 from fakes import CHAT, KEY, Fakes, client, fake_runtime, fake_settings
+from routefixtures import api_error
 
 from appliance.serve.runtime import Runtime
-from appliance.serve.settings import Settings
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 HI: Any = [{"role": "user", "content": "Q"}]
 TOOLS: Any = [{"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {
         "city": {"type": "string"}}}}}]
-
-
-@pytest.fixture
-def fakes() -> Fakes:
-    return Fakes()
-
-
-@pytest.fixture
-def settings() -> Settings:
-    return fake_settings()
-
-
-@pytest.fixture
-def runtime(tmp_path: Path, fakes: Fakes, settings: Settings) -> Iterator[Runtime]:
-    rt = fake_runtime(tmp_path / "root", fakes, settings)
-    yield rt
-    rt.close()
-
-
-@pytest.fixture
-def sdk(runtime: Runtime, settings: Settings) -> openai.OpenAI:
-    return client(runtime, settings)[0]
-
-
-@pytest.fixture
-def http(runtime: Runtime, settings: Settings) -> httpx.Client:
-    return client(runtime, settings)[1]
-
-
-def _error(exc: pytest.ExceptionInfo[openai.APIStatusError]) -> dict[str, Any]:
-    body = exc.value.body
-    assert isinstance(body, dict)
-    return body
 
 
 # --- content parts and other unions -----------------------------------------------------------
@@ -70,7 +37,7 @@ def test_media_parts_say_the_model_takes_none(sdk: openai.OpenAI, fakes: Fakes,
     with pytest.raises(openai.BadRequestError) as info:
         sdk.chat.completions.create(model=CHAT, messages=[
             {"role": "system", "content": "Be brief."}, {"role": "user", "content": content}])
-    body = _error(info)
+    body = api_error(info)
     assert body["param"] == "messages.1.content.1"
     assert body["message"].startswith(f"the model `{CHAT}` {says}"), body
     assert body["type"] == "invalid_request_error"
@@ -144,7 +111,7 @@ def test_default_max_tokens_caps_answers_without_max_tokens(tmp_path: Path, fake
         assert text.choices[0].text == "abcde" and text.choices[0].finish_reason == "length"
         with pytest.raises(openai.BadRequestError) as info:  # above the context: as before
             sdk.chat.completions.create(model=CHAT, messages=HI, max_tokens=10_000)
-        assert _error(info)["code"] == "context_length_exceeded"
+        assert api_error(info)["code"] == "context_length_exceeded"
     finally:
         rt.close()
 
