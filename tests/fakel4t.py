@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 RECORDER = """#!/bin/sh
-# records: the script, its arguments, where it ran, and what the rootfs held
-printf '%s|%s|%s|%s\\n' "{name}" "$*" "$(pwd)" "$(ls rootfs 2>/dev/null | tr '\\n' ' ')" \
-  >> "{calls}"
+# records: the script, its arguments, where it ran, what the rootfs held, and ROOTFS_AB
+printf '%s|%s|%s|%s|%s\\n' "{name}" "$*" "$(pwd)" "$(ls rootfs 2>/dev/null | tr '\\n' ' ')" \
+  "${{ROOTFS_AB:-}}" >> "{calls}"
 """
 SCRIPTS = ("apply_binaries.sh", "tools/kernel_flash/l4t_initrd_flash.sh",
            "tools/jetson-disk-image-creator.sh")

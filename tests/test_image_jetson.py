@@ -141,5 +141,6 @@ def test_flash_script_drives_the_fake_linux_for_tegra(built: Path, tmp_path: Pat
     assert {"opt", "etc", "usr", "var"} <= set(recorded[0][3].split())
     assert recorded[1][1].endswith("jetson-orin-nano-devkit internal")
     assert "--external-device nvme0n1p1" in recorded[1][1]
+    assert recorded[1][4] == "1"  # NVIDIA's A/B root slots
     assert (l4t / "rootfs/opt/appliance/venv/bin/appliance-ctl").exists()
     assert "Linux_for_Tegra" in (built / "jetson-README.txt").read_text()

@@ -57,6 +57,7 @@ def test_nvme_flow_unpacks_applies_then_flashes(tmp_path: Path) -> None:
                                         "tools/kernel_flash/l4t_initrd_flash.sh"]
     assert recorded[0][2] == str(l4t) and "etc" in recorded[0][3].split()  # rootfs in place
     assert recorded[1][1] == NVME and recorded[1][2] == str(l4t)
+    assert recorded[1][4] == "1"  # flashed with NVIDIA's A/B root slots (APP, APP_b)
 
 
 def test_sdcard_needs_no_device_and_writes_an_image_beside_the_kit(tmp_path: Path) -> None:
@@ -68,6 +69,7 @@ def test_sdcard_needs_no_device_and_writes_an_image_beside_the_kit(tmp_path: Pat
     assert calls(log)[-1][:2] == [
         "tools/jetson-disk-image-creator.sh",
         f"-o {tmp_path / 'out' / 'jetson-sdcard.img'} -b jetson-orin-nano-devkit"]
+    assert calls(log)[-1][4] == ""  # an SD card image has one root slot
 
 
 def test_internal_emmc(tmp_path: Path) -> None:
@@ -76,6 +78,7 @@ def test_internal_emmc(tmp_path: Path) -> None:
     fake_lsusb(tmp_path / "bin", jetson_present=True)
     assert _flash(script, l4t, tmp_path / "bin").returncode == 0
     assert calls(log)[-1][1] == "jetson-orin-nano-devkit internal"
+    assert calls(log)[-1][4] == "1"
 
 
 @pytest.mark.parametrize("breakage, message", [

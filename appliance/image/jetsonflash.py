@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import shlex
 
-# how each flash_target is written, as arguments after `cd Linux_for_Tegra`
+# how each flash_target is written, as arguments after `cd Linux_for_Tegra`. ROOTFS_AB=1 lays
+# out NVIDIA's two root slots (APP, APP_b) with their retry counters: the A/B mapping of
+# docs/images.md. An SD card image has one root slot (NVIDIA's creator script has no A/B).
 FLASH_COMMANDS = {
-    "internal": ["./tools/kernel_flash/l4t_initrd_flash.sh", "{board}", "internal"],
-    "nvme": ["./tools/kernel_flash/l4t_initrd_flash.sh", "--external-device", "nvme0n1p1",
+    "internal": ["env", "ROOTFS_AB=1", "./tools/kernel_flash/l4t_initrd_flash.sh", "{board}",
+                 "internal"],
+    "nvme": ["env", "ROOTFS_AB=1", "./tools/kernel_flash/l4t_initrd_flash.sh",
+             "--external-device", "nvme0n1p1",
              "-c", "tools/kernel_flash/flash_l4t_t234_nvme.xml",
              "-p", "-c bootloader/generic/cfg/flash_t234_qspi.xml",
              "--showlogs", "--network", "usb0", "{board}", "internal"],
