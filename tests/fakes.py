@@ -143,7 +143,7 @@ class FakeChat:
             n += 1
             hit = next((s for s in req.stop if s in text), None)
             if hit is not None:
-                stream.push(Finish("stop", n_prompt, n, index=index))
+                stream.push(Finish("stop", n_prompt, n, index=index, stop=hit))
                 return True
             top = ([(ord(ch), -0.1), (ord("?"), -2.5)][:req.logprobs]
                    if req.logprobs else None)

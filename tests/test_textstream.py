@@ -31,5 +31,6 @@ def test_incomplete_character_at_the_end() -> None:
 
 
 def test_earliest_of_several_stops() -> None:
-    out, _, stopped = run([b"x END y STOP"], stops=["STOP", "END"])
-    assert out == ["x "] and stopped
+    t = TextAssembler(["STOP", "END"])
+    assert t.feed(b"x END y STOP") == "x " and t.stopped
+    assert t.matched == "END"  # which one ended the text (Anthropic's stop_sequence)

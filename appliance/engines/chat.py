@@ -498,7 +498,8 @@ class ChatEngine:
     def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
         tail = "" if reason in ("cancelled", "error") else seq.text.flush()
         self._outbox.put(seq.stream, Finish(reason, len(seq.req.prompt), seq.generated, tail,
-                                            error, seq.ttft, seq.index, seq.cached))
+                                            error, seq.ttft, seq.index, seq.cached,
+                                            seq.text.matched))
         self._release(seq)
 
     def _run(self) -> None:

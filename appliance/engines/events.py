@@ -42,6 +42,7 @@ class Finish:
     ttft: float | None = None
     index: int = 0
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not decoded
+    stop: str | None = None  # the stop string that ended it (reason stop), if one did
 
 
 Event = TokenEvent | PromptScores | Finish

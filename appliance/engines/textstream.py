@@ -16,6 +16,7 @@ class TextAssembler:
         self._stops = [s for s in (stops or []) if s]
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def _holdback(self, text: str) -> int:
         """Length of the longest suffix of `text` that begins some stop string."""
@@ -34,8 +35,9 @@ class TextAssembler:
         if self.stopped:
             return ""
         text = self._held + self._decoder.decode(piece)
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(at, stop) for stop in self._stops if (at := text.find(stop)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda f: f[0])
             self.stopped = True
             self._held = ""
             return text[:cut]
