@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -103,11 +104,22 @@ def finish_reason(reason: str, parser: toolcalls.Parser | None) -> str:
     return reason
 
 
-@router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response | dict[
-        str, Any]:
+@dataclass(frozen=True)
+class Started:
+    """A chat request running on its engine (Responses and Messages are translated into one)."""
+
+    req: ChatCompletionRequest
+    served: Served[ChatBackend]
+    stream: Stream
+    n: int
+    prompt_tokens: int
+
+
+async def prompt(req: ChatCompletionRequest, request: Request) -> tuple[Served[ChatBackend],
+                                                                        list[int]]:
+    """The request checked, its model looked up and its prompt rendered (not yet fitted)."""
     req.check()
-    n = choice_count(req, request)
+    choice_count(req, request)
     served = runtime(request).chat(req.model, allowed_models(request))
     engine = served.engine
     refuse_media(req.messages, served.id)
@@ -118,17 +130,33 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
     parallel = req.parallel_tool_calls is not False
     with blame("messages"):
-        prompt = await asyncio.to_thread(engine.chat_prompt, messages(req), tools, parallel)
-        max_tokens = answer_limit(engine, len(prompt), req.token_limit,
+        return served, await asyncio.to_thread(engine.chat_prompt, messages(req), tools,
+                                               parallel)
+
+
+async def start(req: ChatCompletionRequest, request: Request) -> Started:
+    """The request fitted to the context, its grammar built, and queued on its engine."""
+    served, tokens = await prompt(req, request)
+    engine, n = served.engine, choice_count(req, request)
+    with blame("messages"):
+        max_tokens = answer_limit(engine, len(tokens), req.token_limit,
                                   runtime(request).settings.default_max_tokens)
     forced = forced_tool(req)
     top = (req.top_logprobs or 0) if req.logprobs else None
-    gen = GenerationRequest(prompt, max_tokens, sampling(req), req.stops, None, top, n=n)
+    gen = GenerationRequest(tokens, max_tokens, sampling(req), req.stops, None, top, n=n)
     if forced or (req.response_format and req.response_format.type != "text"):
         with blame("tools" if forced else "response_format"):
             await prepare_grammar(engine, gen, lambda: answer_grammar(req))
     with blame("messages"):
         stream = submit(engine, gen)
+    return Started(req, served, stream, n, len(tokens))
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response | dict[
+        str, Any]:
+    started = await start(req, request)
+    served, stream, n = started.served, started.stream, started.n
     envelope = responses.Envelope(served, responses.new_id("chatcmpl"), "chat.completion")
     if req.stream:
         envelope.base["object"] = "chat.completion.chunk"

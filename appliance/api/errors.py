@@ -37,6 +37,23 @@ def blame(param: str) -> Iterator[None]:
         raise
 
 
+@contextmanager
+def renamed(names: list[tuple[str, str]]) -> Iterator[None]:
+    """Name fields as the client sent them, for a request translated into a chat completion:
+    an error raised inside that names a chat field (`response_format.json_schema.schema`) is
+    renamed, message too, by the first (regex, replacement) in `names` that matches."""
+    try:
+        yield
+    except ApplianceError as exc:
+        for pattern, replacement in names:
+            if exc.param and (new := re.sub(f"^{pattern}(?=\\.|$)", replacement,
+                                            exc.param)) != exc.param:
+                exc.message = exc.message.replace(exc.param, new)
+                exc.param = new
+                break
+        raise
+
+
 def _validation_error(exc: RequestValidationError) -> RequestError:
     errors = []
     for e in exc.errors():

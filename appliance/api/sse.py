@@ -13,6 +13,12 @@ def sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+def sse_event(payload: dict[str, Any]) -> bytes:
+    """A typed event (Responses, Messages): its `type` is also the SSE event name."""
+    data = json.dumps(payload, ensure_ascii=False)
+    return f"event: {payload['type']}\ndata: {data}\n\n".encode()
+
+
 def sse_error(message: str | None) -> bytes:
     """An error in the middle of a stream: the OpenAI SDK raises it as an APIError."""
     return sse(ApplianceError(message or "generation failed").body())
