@@ -1,8 +1,8 @@
 """The HTTP service: the app factory. Routes live one module per family (models, chat,
-completions, embeddings, rerank, audio, tokens, and the Responses API, translated onto chat);
-errors become HTTP in `api/errors.py`; every request passes the Guard (`api/guard.py`) first and
-the connection limits (`api/connections.py`) before that. The API keys are the live
-configuration's, re-read while the app runs (`api/keyring.py`)."""
+completions, embeddings, rerank, audio, tokens, and the Responses and Messages APIs,
+translated onto chat); errors become HTTP in `api/errors.py`; every request passes the Guard
+(`api/guard.py`) first and the connection limits (`api/connections.py`) before that. The API
+keys are the live configuration's, re-read while the app runs (`api/keyring.py`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from appliance.api import (
+    anthropic_messages,
     audio,
     chat,
     completions,
@@ -44,6 +45,6 @@ def create_app(runtime: Runtime, settings: Settings) -> Any:
     app.state.settings = settings
     errors.install(app)
     for family in (models, chat, completions, embeddings, rerank, audio, tokens, openai_responses,
-                   openapi):
+                   anthropic_messages, openapi):
         app.include_router(family.router)
     return Guard(app, settings, KeyRing(runtime.layout, settings.api_keys))

@@ -1,5 +1,6 @@
 """Every error becomes HTTP here, and only here: an ApplianceError carries its status, code,
-param and headers (appliance/errors.py); framework errors are turned into one first."""
+param and headers (appliance/errors.py); framework errors are turned into one first. Errors
+are OpenAI JSON, except on Anthropic's Messages routes, which answer in Anthropic's shape."""
 
 from __future__ import annotations
 
@@ -19,7 +20,33 @@ from appliance.errors import ApplianceError, NotFound, RequestError
 log = logging.getLogger(__name__)
 
 
-def error_response(exc: ApplianceError) -> JSONResponse:
+# Anthropic's error types by status; anything else is an invalid_request_error, or an
+# api_error from 500 up.
+_ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error"}
+
+
+def anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_body(exc: ApplianceError) -> dict[str, object]:
+    """Anthropic's error object. It has no `param`: the message names the field instead."""
+    kind = _ANTHROPIC_TYPES.get(exc.status, "api_error" if exc.status >= 500
+                                else "invalid_request_error")
+    message = exc.message
+    if exc.param and exc.param not in message:
+        message = f"{exc.param}: {message}"
+    if exc.hint:
+        message = f"{message}; {exc.hint}"
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def error_response(exc: ApplianceError, path: str = "") -> JSONResponse:
+    """The error as HTTP for a request to `path` (its shape depends on the API)."""
+    if anthropic_path(path):
+        return JSONResponse(anthropic_body(exc), status_code=exc.status, headers=exc.headers)
     body = exc.body()
     if exc.hint:  # e.g. which models exist
         body["error"]["message"] = f"{exc.message}; {exc.hint}"  # type: ignore[index]
@@ -124,11 +151,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ApplianceError)
     async def _ours(request: Request, exc: ApplianceError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_error(exc))
+        return error_response(_validation_error(exc), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -136,9 +163,10 @@ def install(app: FastAPI) -> None:
             str(exc.detail))
         error.status = exc.status_code
         error.headers.update(exc.headers or {})  # e.g. Allow on a 405
-        return error_response(error)
+        return error_response(error, request.url.path)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(ApplianceError("internal error; see the appliance's journal"))
+        return error_response(ApplianceError("internal error; see the appliance's journal"),
+                              request.url.path)

@@ -2,8 +2,10 @@
 rebinding), a browser Origin must be allowed explicitly (no CORS `*`), bodies are capped while
 they are read (JSON much lower than uploads), text that no tokenizer can encode is refused, and
 API keys are checked in constant time. A key's own limits (requests in flight, requests per
-rolling minute) are counted here, per process; the key is left in `scope["state"]["api_key"]`
-for the routes, which show it only its models (api/generation.py `allowed_models`)."""
+rolling minute) are counted here, per process, whichever header carries the key
+(`Authorization: Bearer`, or `x-api-key` as Anthropic's clients send it); the key is left in
+`scope["state"]["api_key"]` for the routes, which show it only its models
+(api/generation.py `allowed_models`)."""
 
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ class Guard:
         except ApplianceError as exc:
             # a refused client gets its connection closed too: it costs nothing while it retries
             exc.headers["Connection"] = "close"
-            await error_response(exc)(scope, receive, send)
+            await error_response(exc, scope["path"])(scope, receive, send)
             return
         if cors.is_preflight(scope, headers):  # from a listed origin: _check refused the rest
             await cors.answer_preflight(send, headers)
@@ -90,7 +92,7 @@ class Guard:
                                             or "transfer-encoding" in headers):
             # no key was asked for: nothing from such a client is read or buffered
             await error_response(RequestError("this path takes no request body", headers={
-                "Connection": "close"}))(scope, receive, send)
+                "Connection": "close"}), scope["path"])(scope, receive, send)
             return
         # Uploads (multipart audio, on its routes only) may be large; everything else is JSON,
         # which is parsed on the event loop, so it gets a much smaller cap.
@@ -98,7 +100,7 @@ class Guard:
         cap = self.max_body if upload else self.max_json
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > cap):
-            await error_response(self._too_large(upload))(scope, receive, send)
+            await error_response(self._too_large(upload), scope["path"])(scope, receive, send)
             return
         # Read the whole body here, counting as it arrives (chunked uploads carry no length),
         # then hand it to the app in one piece.
@@ -109,19 +111,19 @@ class Guard:
                 return
             body += message.get("body", b"")
             if len(body) > cap:
-                await error_response(self._too_large(upload))(scope, receive, send)
+                await error_response(self._too_large(upload), scope["path"])(scope, receive, send)
                 return
             if not message.get("more_body"):
                 break
         if body and not upload and json.detect_encoding(bytes(body[:4])) != "utf-8":
             # RFC 8259: JSON on the wire is UTF-8 (the surrogate check below reads UTF-8)
-            await error_response(RequestError("the request body must be UTF-8 JSON"))(
-                scope, receive, send)
+            await error_response(RequestError("the request body must be UTF-8 JSON"),
+                                 scope["path"])(scope, receive, send)
             return
         if not upload and (bad := textcheck.lone_surrogate(body)) is not None:
             error = InvalidText(f"{bad} holds a lone UTF-16 surrogate, which is not text",
                                 param=bad)
-            await error_response(error)(scope, receive, send)
+            await error_response(error, scope["path"])(scope, receive, send)
             return
         replayed = False
 
@@ -176,9 +178,11 @@ class Guard:
         if scope["path"] in OPEN_PATHS or not self.settings.auth or cors.is_preflight(
                 scope, headers):  # a browser sends no key with a preflight
             return None
-        auth = headers.get("authorization", "")
-        scheme, _, presented = auth.partition(" ")
-        key = self.keys.match(presented.strip()) if scheme.lower() == "bearer" else None
+        # OpenAI clients send `Authorization: Bearer`, Anthropic's send `x-api-key`
+        scheme, _, presented = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            presented = headers.get("x-api-key", "")
+        key = self.keys.match(presented.strip()) if presented.strip() else None
         if key is None:
             raise Unauthorized("Incorrect API key provided.")
         mark_keyed(scope)

@@ -1,4 +1,4 @@
-"""Server-sent events, as the OpenAI SDK reads them."""
+"""Server-sent events, as the OpenAI and Anthropic SDKs read them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ def sse(payload: dict[str, Any] | str) -> bytes:
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
-    """A typed event (Responses, Messages): its `type` is also the SSE event name."""
+    """A typed event (Responses, Messages): its `type` is also the SSE event name, which
+    Anthropic's SDK needs (it skips events without one)."""
     data = json.dumps(payload, ensure_ascii=False)
     return f"event: {payload['type']}\ndata: {data}\n\n".encode()
 
