@@ -313,6 +313,22 @@ def test_guard_refusals_in_anthropic_shape(http: httpx.Client, runtime: Runtime,
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_openapi_document_says_which_error_shape(http: httpx.Client) -> None:
+    doc = http.get("/openapi.json", headers={"x-api-key": KEY}).json()
+    paths, schemas = doc["paths"], doc["components"]["schemas"]
+    assert {"/v1/responses", "/v1/messages", "/v1/messages/count_tokens"} <= set(paths)
+
+    def refused(path: str) -> str:
+        ref: str = paths[path]["post"]["responses"]["400"]["content"]["application/json"][
+            "schema"]["$ref"]
+        return ref.rsplit("/", 1)[1]
+
+    assert refused("/v1/messages") == refused("/v1/messages/count_tokens") == "AnthropicError"
+    assert refused("/v1/responses") == "Error"
+    assert schemas["AnthropicError"]["properties"]["type"] == {"const": "error"}
+    assert doc["components"]["securitySchemes"]["xApiKey"]["name"] == "x-api-key"
+
+
 def test_x_api_key_has_the_keys_scopes(http: httpx.Client) -> None:
     """The x-api-key header is the same key: a key scoped to the embeddings model sees no
     chat model, on Anthropic's routes and OpenAI's alike."""
