@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
 import httpx
 import pytest
-from fakes import CHAT, EMBED, KEY, Fakes, client, fake_runtime, fake_settings
+from fakes import CHAT, EMBED, KEY, Fakes, client, fake_settings
 
 from appliance.api.app import create_app
 from appliance.device.apikeys import ApiKey, hash_key
@@ -32,25 +31,8 @@ HI: Any = [{"role": "user", "content": "Q"}]
 
 
 @pytest.fixture
-def fakes() -> Fakes:
-    return Fakes()
-
-
-@pytest.fixture
 def settings() -> Settings:
     return fake_settings(api_keys=KEYS)
-
-
-@pytest.fixture
-def runtime(tmp_path: Path, fakes: Fakes, settings: Settings) -> Iterator[Runtime]:
-    rt = fake_runtime(tmp_path / "root", fakes, settings)
-    yield rt
-    rt.close()
-
-
-@pytest.fixture
-def http(runtime: Runtime, settings: Settings) -> httpx.Client:
-    return client(runtime, settings)[1]
 
 
 @pytest.fixture

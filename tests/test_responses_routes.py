@@ -5,17 +5,14 @@ tool calls, and every refusal; test_api_responses.py runs the same route on the 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from fakes import CHAT, EMBED, KEY, Fakes, client, fake_runtime, fake_settings
+from fakes import CHAT, EMBED, KEY, Fakes
 from pydantic import BaseModel
-
-from appliance.serve.runtime import Runtime
+from routefixtures import api_error
 
 TOOLS: Any = [{"type": "function", "name": "get_weather", "description": "Weather for a city",
                "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -25,34 +22,6 @@ TEXT_EVENTS = ["response.created", "response.in_progress", "response.output_item
                "response.content_part.added"]
 TEXT_DONE = ["response.output_text.done", "response.content_part.done",
              "response.output_item.done"]
-
-
-@pytest.fixture
-def fakes() -> Fakes:
-    return Fakes()
-
-
-@pytest.fixture
-def runtime(tmp_path: Path, fakes: Fakes) -> Iterator[Runtime]:
-    rt = fake_runtime(tmp_path / "root", fakes, fake_settings())
-    yield rt
-    rt.close()
-
-
-@pytest.fixture
-def sdk(runtime: Runtime) -> openai.OpenAI:
-    return client(runtime, fake_settings())[0]
-
-
-@pytest.fixture
-def http(runtime: Runtime) -> httpx.Client:
-    return client(runtime, fake_settings())[1]
-
-
-def _error(exc: pytest.ExceptionInfo[openai.APIStatusError]) -> dict[str, Any]:
-    body = exc.value.body
-    assert isinstance(body, dict)
-    return body
 
 
 def test_text_input_instructions_and_usage(sdk: openai.OpenAI, fakes: Fakes) -> None:
@@ -270,7 +239,7 @@ def test_refusals_name_the_field(sdk: openai.OpenAI, kwargs: dict[str, Any], sta
     with pytest.raises(openai.APIStatusError) as info:
         sdk.responses.create(**args)
     assert info.value.status_code == status
-    body = _error(info)
+    body = api_error(info)
     assert body["param"] == param, body
     assert body["type"] == "invalid_request_error"
     if param.startswith(("text.format.", "tools.0.")):  # named as this API calls it
