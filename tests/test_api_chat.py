@@ -363,8 +363,10 @@ def test_saturated_queue_answers_503(tmp_path: Path, demo_bundles: tuple[Path, P
                        "[server]\nmax_queue = 1\n[chat]\nparallel = 1\n")
     try:
         def ask(_: int) -> tuple[int, str | None]:
-            r = httpx.post(f"{srv.base}/v1/chat/completions", headers=_headers(srv), timeout=60,
-                           json={"model": MODEL, "messages": ASK, "max_tokens": 200,
+            # six at once against one running and one waiting: the rest are refused at once;
+            # the two answered may be slow on a busy machine, which is not what is tested
+            r = httpx.post(f"{srv.base}/v1/chat/completions", headers=_headers(srv), timeout=600,
+                           json={"model": MODEL, "messages": ASK, "max_tokens": 64,
                                  "temperature": 1.0})
             return r.status_code, r.headers.get("retry-after")
 

@@ -57,7 +57,7 @@ def _variant(tmp_path: Path, old: str, new: str) -> None:
     ('hostname = "appliance"', 'hostname = "Bad Host"', "hostname"),
     ('stack = "cpu"', 'stack = "cuda"', "devices must list the GPU device nodes"),
     ("[system]", "[system]\nroot_password = 'x'", "root_password is not a known key"),
-    ('"libgomp1"]', '"libgomp1", "evil; rm -rf /"]', "packages[13]"),
+    ('"libgomp1"]', '"libgomp1", "evil; rm -rf /"]', "packages[14]"),
     ('"-DGGML_NATIVE=OFF"', '"-DGGML_NATIVE=OFF; curl x"', "cmake_args[0]"),
     ('name = "x86_64-cpu"', 'name = "other"', "but the file is x86_64-cpu.toml"),
     ("mdns = true", 'mdns = "yes"', "mdns must be"),
