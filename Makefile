@@ -100,8 +100,9 @@ run: demo-bundle
 	APPLIANCE_AUTH=false exec $(VENV)/bin/appliance-ctl serve
 
 # Benchmarks print a table with the peer measured in the same run; run them on a quiet machine.
+# bench-chat runs each row 5 times per server, alternating (about 30 minutes on 2 cores).
 bench-chat: venv llama-tools
-	$(PY) bench/chat.py --peers llama-server --clients 1 4 8 16 --max-tokens 128 512 --extras \
+	$(PY) bench/chat.py --peers llama-server --clients 1 4 8 16 --max-tokens 128 512 --repeats 5 --extras \
 	  --llama-tools $(LLAMA_TOOLS_DIR)/bin
 
 bench-chat-python: venv

@@ -4,11 +4,18 @@ same run, same load.
     make bench-chat           # vs llama.cpp's llama-server, 1/4/8/16 clients, 128 and 512 tokens
     make bench-chat-python    # vs llama-cpp-python's server, 1/4/8 clients, 128 tokens
 
-Each server is started alone, driven by streaming clients with mixed prompts and fixed-length
-answers (temperature 0, end of sequence forbidden, so every server writes the same number of
-tokens), and stopped. The same threads and the same context per sequence are given to each.
-llama-batched-bench measures the engine's own ceiling (decode only, no sampling, no HTTP) at the
-same batch sizes.
+All servers are started, each is warmed up, and every row (answer length x clients) is run
+`--repeats` times, the servers taking turns in a rotating order (ours first, then the peer
+first, ...), so drift in the machine's speed falls on both sides alike. Only one server works at a
+time; the others sit idle. Clients stream mixed prompts and fixed-length answers (temperature 0,
+end of sequence forbidden, so every server writes the same number of tokens). The same threads and
+the same context per sequence are given to each. llama-batched-bench measures the engine's own
+ceiling (decode only, no sampling, no HTTP) at the same batch sizes.
+
+The table shows medians with their range. The ratio is the median of the per-repeat ratios (each
+ours/peer pair ran back to back); it is called a win only when every pair is above 1 and a loss
+only when every pair is below 1, and only with at least 5 repeats: if the servers were equal,
+all 5 pairs would fall on one side with probability 1/16. Anything else is "within noise".
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import asyncio
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,9 +35,11 @@ from loadgen import (
     QUOTE,
     SHARED,
     Result,
+    build_flags,
     eos_token,
     free_port,
     install_bundle,
+    load,
     machine,
     pct,
     rss_peak_mb,
@@ -51,19 +61,59 @@ def install(recipe: Path, root: Path, work: Path) -> tuple[str, Path]:
     return model.id, inst.file(variant.path)
 
 
-def measure(name: str, base: str, model: str, args: argparse.Namespace,
-            eos: int) -> dict[tuple[int, int], Result]:
-    asyncio.run(run_load(base, model, 1, 1, 8, eos))  # warm-up, not counted
-    results = {}
+Rows = dict[tuple[int, int], list[Result]]  # (answer tokens, clients) -> one Result per repeat
+MIN_CALL = 5  # repeats needed before a ratio is called a win or a loss
+
+
+def measure(servers: dict[str, str], model: str, args: argparse.Namespace,
+            eos: int) -> dict[str, Rows]:
+    """Every row `args.repeats` times; within a repeat the servers run one after another, in an
+    order that rotates from repeat to repeat."""
+    names = list(servers)
+    for name in names:
+        asyncio.run(run_load(servers[name], model, 1, 1, 8, eos))  # warm-up, not counted
+    results: dict[str, Rows] = {name: {} for name in names}
     for max_tokens in args.max_tokens:
         for clients in args.clients:
             rounds = args.rounds + (1 if clients == 1 else 0)
-            r = asyncio.run(run_load(base, model, clients, rounds, max_tokens, eos))
-            print(f"  {name:18} {max_tokens:4} tokens {clients:2} clients: {r.tok_s:6.1f} tok/s,"
-                  f" TTFT p50 {pct(r.ttft, .5):.2f}s, errors {r.errors}", file=sys.stderr,
-                  flush=True)
-            results[(max_tokens, clients)] = r
+            for rep in range(args.repeats):
+                for name in names[rep % len(names):] + names[:rep % len(names)]:
+                    r = asyncio.run(run_load(servers[name], model, clients, rounds, max_tokens,
+                                             eos))
+                    print(f"  {name:18} {max_tokens:4} tokens {clients:2} clients, repeat "
+                          f"{rep + 1}/{args.repeats}: {r.tok_s:6.1f} tok/s, TTFT p50 "
+                          f"{pct(r.ttft, .5):.2f}s, errors {r.errors}, load {load()}",
+                          file=sys.stderr, flush=True)
+                    results[name].setdefault((max_tokens, clients), []).append(r)
     return results
+
+
+def spread(values: list[float], fmt: str = "{:.1f}") -> str:
+    """Median with the range: `101.2 (97.0-104.1)`; just the value for one run."""
+    med = fmt.format(statistics.median(values))
+    if len(values) == 1:
+        return med
+    return f"{med} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def verdict(ratios: list[float]) -> str:
+    """win / loss only when every paired ratio lies on one side of 1 (a sign test)."""
+    if len(ratios) < MIN_CALL:
+        return f"no call (n={len(ratios)})"
+    if min(ratios) > 1:
+        return "win"
+    if max(ratios) < 1:
+        return "loss"
+    return "within noise"
+
+
+def merged(runs: list[Result]) -> Result:
+    """All repeats' latencies together, for percentiles."""
+    out = Result()
+    for r in runs:
+        out.ttft += r.ttft
+        out.itl += r.itl
+    return out
 
 
 def peer_command(peer: str, gguf: Path, model: str, port: int,
@@ -143,6 +193,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--max-tokens", type=int, nargs="+", default=[128])
     p.add_argument("--rounds", type=int, default=1, help="requests per client")
+    p.add_argument("--repeats", type=int, default=1,
+                   help=f"runs of each row per server, alternating; {MIN_CALL}+ to call a ratio")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--ctx-per-seq", type=int, default=2048)
     p.add_argument("--llama-tools", type=Path, help="folder with llama-server, llama-batched-bench")
@@ -150,61 +202,86 @@ def main() -> None:
                    help="also: shared 500-token system prompt (prefix cache on/off), answers "
                         "that quote the input (speculation on/off), peak memory")
     args = p.parse_args()
+    started_load = load()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, gguf = install(args.bundle, work / "root", work)
         eos = eos_token(gguf)
-        rows: dict[str, dict[tuple[int, int], Result]] = {}
-        ours, base = serve(work / "root", work / "ours.log", APPLIANCE_THREADS=str(args.threads),
-                           APPLIANCE_PARALLEL=str(max(args.clients)),
-                           APPLIANCE_CTX_PER_SEQ=str(args.ctx_per_seq),
-                           APPLIANCE_KV_CELLS=str(args.ctx_per_seq * (max(args.clients) + 2)))
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        servers: dict[str, str] = {}
+        extras: dict[str, float] = {}
+        peak_rss: dict[str, float] = {}
         try:
-            rows["appliance"] = measure("appliance", base, model, args, eos)
-            peak_rss = rss_peak_mb(ours.pid)
+            procs["appliance"], servers["appliance"] = serve(
+                work / "root", work / "ours.log", APPLIANCE_THREADS=str(args.threads),
+                APPLIANCE_PARALLEL=str(max(args.clients)),
+                APPLIANCE_CTX_PER_SEQ=str(args.ctx_per_seq),
+                APPLIANCE_KV_CELLS=str(args.ctx_per_seq * (max(args.clients) + 2)))
+            for peer in args.peers:
+                port = free_port()
+                # llama-server's /health can answer before its slots are ready: ask for models
+                ready = f"http://127.0.0.1:{port}/v1/models"
+                procs[peer] = start(peer_command(peer, gguf, model, port, args), ready,
+                                    log=work / f"{peer}.log")
+                servers[peer] = f"http://127.0.0.1:{port}"
+            rows = measure(servers, model, args, eos)
+            peak_rss = {name: rss_peak_mb(proc.pid) for name, proc in procs.items()}
+            if args.extras:
+                for peer in args.peers:
+                    extras.update(peer_workloads(peer, servers[peer], model, eos))
+        except Exception:
+            for peer in args.peers:
+                if (work / f"{peer}.log").exists():
+                    log = (work / f"{peer}.log").read_text(errors="replace").splitlines()
+                    print("\n".join(log[-30:]), file=sys.stderr)
+            raise
         finally:
-            stop(ours)
-        extras = workloads(work, model, args, eos) if args.extras else {}
-        for peer in args.peers:
-            port = free_port()
-            # llama-server's /health can answer before its slots are ready: ask for the models
-            ready = f"http://127.0.0.1:{port}/v1/models"
-            proc = start(peer_command(peer, gguf, model, port, args), ready,
-                         log=work / f"{peer}.log")
-            try:
-                rows[peer] = measure(peer, f"http://127.0.0.1:{port}", model, args, eos)
-                if args.extras:
-                    extras.update(peer_workloads(peer, f"http://127.0.0.1:{port}", model, eos))
-                    extras[f"{peer} peak RSS (MiB)"] = rss_peak_mb(proc.pid)
-            except Exception:
-                log = (work / f"{peer}.log").read_text(errors="replace").splitlines()
-                print("\n".join(log[-30:]), file=sys.stderr)
-                raise
-            finally:
+            for proc in procs.values():
                 stop(proc)
+        if args.extras:
+            extras = {**workloads(work, model, args, eos), **extras}
+        peer_flags = {peer: _system_info(work / f"{peer}.log") for peer in args.peers}
         top = ceiling(gguf, args)
 
-    print(f"\nour peak RSS after {max(args.clients)} concurrent clients: {peak_rss:.0f} MiB")
+    print(f"\npeak RSS after {max(args.clients)} concurrent clients (MiB): "
+          + ", ".join(f"{name} {mb:.0f}" for name, mb in peak_rss.items()))
     for name, value in extras.items():
         print(f"{name}: {value:.2f}" if isinstance(value, float) else f"{name}: {value}")
     print(f"\nmodel {model} ({gguf.name}); {args.threads} threads, {args.ctx_per_seq} context "
           f"per sequence, temperature 0, mixed prompts; {machine()}")
+    print(f"llama.cpp built for: ours {build_flags()}"
+          + "".join(f"; {peer} {flags}" for peer, flags in peer_flags.items()))
+    print(f"load average at start {started_load}, at end {load()}; {args.repeats} repeats per "
+          f"row, median (min-max)")
+    ours = rows["appliance"]
     for peer in args.peers:
-        header = ["tokens", "clients", "ours tok/s", f"{peer} tok/s", "ratio", "ceiling",
-                  "TTFT p50 ours/peer", "TTFT p95 ours/peer", "ITL p50 ours/peer",
+        header = ["tokens", "clients", "ours tok/s", f"{peer} tok/s", "ratio", "call",
+                  "ceiling", "TTFT p50 ours/peer", "TTFT p95 ours/peer", "ITL p50 ours/peer",
                   "ITL p95 ours/peer"]
         out = [header]
-        for key, r in rows["appliance"].items():
-            q = rows[peer][key]
+        for key, runs in ours.items():
+            theirs = rows[peer][key]
+            ratios = [a.tok_s / b.tok_s for a, b in zip(runs, theirs, strict=True) if b.tok_s]
+            r, q = merged(runs), merged(theirs)
             cap = top.get(key[1])
-            out.append([str(key[0]), str(key[1]), f"{r.tok_s:.1f}", f"{q.tok_s:.1f}",
-                        f"{r.tok_s / q.tok_s:.2f}x", f"{cap:.0f}" if cap else "-",
+            out.append([str(key[0]), str(key[1]), spread([x.tok_s for x in runs]),
+                        spread([x.tok_s for x in theirs]), spread(ratios, "{:.2f}") + "x",
+                        verdict(ratios), f"{cap:.0f}" if cap else "-",
                         f"{pct(r.ttft, .5):.2f}/{pct(q.ttft, .5):.2f}s",
                         f"{pct(r.ttft, .95):.2f}/{pct(q.ttft, .95):.2f}s",
                         f"{pct(r.itl, .5) * 1000:.0f}/{pct(q.itl, .5) * 1000:.0f}ms",
                         f"{pct(r.itl, .95) * 1000:.0f}/{pct(q.itl, .95) * 1000:.0f}ms"])
         print(table(out))
 
+
+def _system_info(log: Path) -> str:
+    """The SIMD levels a peer says it was built for (llama-server logs its system_info)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    found = re.search(r"system_info:.*?\|(.*)", text)
+    if not found:
+        return "not logged"
+    return " ".join(part.split("=")[0].split(":")[-1].strip() for part in found.group(1).split("|")
+                    if part.strip().endswith("= 1"))
 
 if __name__ == "__main__":
     main()

@@ -184,12 +184,16 @@ def table(rows: list[list[str]]) -> str:
 
 PROJECT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+# The package of the tree this benchmark lives in, whichever checkout the venv was installed
+# from (the console scripts would import that one).
+OWN_TREE = {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT),
+                                                        os.environ.get("PYTHONPATH")]))}
 
 
 def install_bundle(recipe: Path, root: Path, work: Path) -> Any:
     """Build (cached) + sign + import a bundle into a throwaway root; return the Installed."""
     ctl, build = str(VENV_BIN / "appliance-ctl"), str(VENV_BIN / "appliance-build")
-    env = {**os.environ, "APPLIANCE_ROOT": str(root)}
+    env = {**os.environ, "APPLIANCE_ROOT": str(root), **OWN_TREE}
 
     def run(*args: str) -> None:
         subprocess.run(args, check=True, capture_output=True, env=env)
@@ -208,19 +212,44 @@ def install_bundle(recipe: Path, root: Path, work: Path) -> Any:
 def serve(root: Path, log: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
     """Start `appliance-ctl serve` on a free loopback port without auth."""
     port = free_port()
-    proc = start([str(VENV_BIN / "appliance-ctl"), "serve"], f"http://127.0.0.1:{port}/healthz",
+    proc = start([sys.executable, "-m", "appliance.cli.ctl", "serve"],
+                 f"http://127.0.0.1:{port}/healthz",
                  env={"APPLIANCE_ROOT": str(root), "APPLIANCE_AUTH": "false",
-                      "APPLIANCE_PORT": str(port), **env}, log=log)
+                      "APPLIANCE_PORT": str(port), **OWN_TREE, **env}, log=log)
     return proc, f"http://127.0.0.1:{port}"
 
 
+# The SIMD levels that change llama.cpp's kernels: a figure is only comparable with figures
+# taken on the same set (AVX2-only and AVX-512 machines differ by far more than 10%).
+SIMD = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+        "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
+
+
 def machine() -> str:
-    model = "unknown CPU"
+    model, flags = "unknown CPU", set[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and model == "unknown CPU":
                 model = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith(("flags", "Features")) and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return f"{os.cpu_count()} cores ({model}), Python {sys.version.split()[0]}"
+    simd = " ".join(f for f in SIMD if f in flags) or "none seen"
+    return f"{os.cpu_count()} cores ({model}; {simd}), Python {sys.version.split()[0]}"
+
+
+def build_flags() -> str:
+    """The SIMD levels llama-cpp-python's llama.cpp was built for (what the kernels use)."""
+    import llama_cpp
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return " ".join(part.split("=")[0].split(":")[-1].strip() for part in info.split("|")
+                    if part.strip().endswith("= 1"))
+
+
+def load() -> str:
+    """The 1, 5 and 15 minute load averages: figures taken above ~0.5 are not quiet."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
