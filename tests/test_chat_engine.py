@@ -300,3 +300,49 @@ def test_long_prompt_scored_in_chunks(smollm_gguf: Path) -> None:
         assert shorter.logprobs[1:] == pytest.approx(scores.logprobs[1:40], abs=2e-3)
     finally:
         eng.close()
+
+
+def test_greedy_with_logit_bias_picks_what_llama_cpp_picks(smollm_gguf: Path) -> None:
+    """The engine's greedy shortcut against llama.cpp's own chain (logit_bias, then greedy) on
+    real logits: the top token forbidden, the runner-up lifted to a tie from either side."""
+    import ctypes
+
+    import llama_cpp as ll
+    import numpy as np
+
+    from appliance.engines.chat import greedy_token
+
+    model = ll.llama_model_load_from_file(str(smollm_gguf).encode(),
+                                          ll.llama_model_default_params())
+    params = ll.llama_context_default_params()
+    params.n_ctx = 256
+    ctx = ll.llama_init_from_model(model, params)
+    try:
+        vocab = ll.llama_model_get_vocab(model)
+        n_vocab = ll.llama_vocab_n_tokens(vocab)
+        text = b"The capital of France is"
+        buf = (ll.llama_token * 64)()
+        n = ll.llama_tokenize(vocab, text, len(text), buf, 64, True, False)
+        assert ll.llama_decode(ctx, ll.llama_batch_get_one(buf, n)) == 0
+        row = np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).copy()
+        order = np.argsort(-row, kind="stable")
+        first, second = int(order[0]), int(order[1])
+        lift = float(np.float32(row[first]) - np.float32(row[second]))
+        cases = [{}, {first: -100.0}, {second: lift}, {second: lift + 0.5},
+                 {first: -100.0, second: -100.0, int(order[5]): 3.0},
+                 {int(t): 1.5 for t in order[:20:3]}]
+        for bias in cases:
+            chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+            arr = (ll.llama_logit_bias * max(1, len(bias)))()
+            for i, (tok, value) in enumerate(bias.items()):
+                arr[i].token, arr[i].bias = tok, value
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(
+                n_vocab, len(bias), ctypes.cast(arr, ctypes.POINTER(ll.llama_logit_bias))))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+            try:
+                assert greedy_token(row, bias) == ll.llama_sampler_sample(chain, ctx, -1), bias
+            finally:
+                ll.llama_sampler_free(chain)
+    finally:
+        ll.llama_free(ctx)
+        ll.llama_model_free(model)

@@ -211,7 +211,7 @@ class ChatEngine:
         self.busy_since: float | None = None
         self._outbox = Outbox()
         self.stats = {"requests": 0, "tokens": 0, "prompt_tokens": 0, "prefix_hits": 0,
-                      "prefix_tokens": 0, "draft_accepted": 0}
+                      "prefix_tokens": 0, "draft_accepted": 0, "steps": 0}
         self._thread = threading.Thread(target=self._run, name=f"chat-{model_path.stem}",
                                         daemon=True)
         self._thread.start()
@@ -586,6 +586,7 @@ class ChatEngine:
                 outputs.append((seq, n - 1))
                 prefilled.append(seq)
         batch.n_tokens = n
+        self.stats["steps"] += 1  # llama_decode calls: /metrics turns time into time per step
         self.busy_since = time.monotonic()
         rc = ll.llama_decode(self._ctx, batch)
         self.busy_since = None
@@ -640,12 +641,7 @@ class ChatEngine:
             return int(self._ll.llama_sampler_sample(seq.sampler, self._ctx, idx))
         row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, idx),
                                     shape=(self.n_vocab,))
-        bias = seq.req.sampling.logit_bias
-        if bias:
-            row = row.copy()
-            for token, value in bias.items():
-                row[token] += value
-        return int(row.argmax())
+        return greedy_token(row, seq.req.sampling.logit_bias)
 
     def _verify(self, seq: _Seq, idx: int) -> None:
         """Greedy check of a lookup draft: keep the drafted tokens the model agrees with, then
@@ -693,6 +689,34 @@ class ChatEngine:
         else:
             return True
         return False
+
+
+def greedy_token(row: np.ndarray, bias: dict[int, float]) -> int:
+    """argmax(row + bias), the first of equals, as `biased_argmax` finds it, without copying
+    the row (a 1 MiB copy per token at a 262k vocabulary: 0.25 ms). Only the biased tokens
+    differ from the row, so the row's own argmax wins unless one of them beats or ties it; the
+    rare cases this shortcut cannot settle (the argmax itself is biased, NaN) take the copy."""
+    best = int(row.argmax())
+    if not bias:
+        return best
+    top = row[best]
+    if best in bias or top != top:
+        return biased_argmax(row, bias)
+    for token, value in bias.items():
+        biased = row.dtype.type(row[token] + value)  # rounded as `row[token] += value` rounds
+        if biased != biased:
+            return biased_argmax(row, bias)
+        if biased > top or (biased == top and token < best):
+            best, top = token, biased
+    return best
+
+
+def biased_argmax(row: np.ndarray, bias: dict[int, float]) -> int:
+    """The reference: argmax of a biased copy of the row."""
+    row = row.copy()
+    for token, value in bias.items():
+        row[token] += value
+    return int(row.argmax())
 
 
 def _lookup(history: list[int], most: int, room: int, ngram: int = 3) -> list[int]:
