@@ -131,6 +131,18 @@ def peer_command(peer: str, gguf: Path, model: str, port: int,
             "--interrupt_requests", "false"]
 
 
+def server_flags(gguf: Path, args: argparse.Namespace, work: Path) -> str:
+    """The SIMD levels llama-server was built for: only its verbose log says, so it is started
+    once more on its own, verbose, and stopped."""
+    port = free_port()
+    log = work / "llama-server-flags.log"
+    proc = start([str(args.llama_tools / "llama-server"), "-m", str(gguf), "-c", "512", "-np", "1",
+                  "--port", str(port), "--no-webui", "-v"], f"http://127.0.0.1:{port}/v1/models",
+                 log=log)
+    stop(proc)
+    return _system_info(log.read_text(errors="replace"))
+
+
 def ceiling(gguf: Path, args: argparse.Namespace) -> dict[int, float]:
     """llama-batched-bench: decode tokens/s at each batch size (no sampling, no HTTP)."""
     tool = args.llama_tools / "llama-batched-bench" if args.llama_tools else None
@@ -240,7 +252,8 @@ def main() -> None:
                 stop(proc)
         if args.extras:
             extras = {**workloads(work, model, args, eos), **extras}
-        peer_flags = {peer: _system_info(work / f"{peer}.log") for peer in args.peers}
+        flags = {peer: server_flags(gguf, args, work) for peer in args.peers
+                 if peer == "llama-server"}
         top = ceiling(gguf, args)
 
     print(f"\npeak RSS after {max(args.clients)} concurrent clients (MiB): "
@@ -250,7 +263,7 @@ def main() -> None:
     print(f"\nmodel {model} ({gguf.name}); {args.threads} threads, {args.ctx_per_seq} context "
           f"per sequence, temperature 0, mixed prompts; {machine()}")
     print(f"llama.cpp built for: ours {build_flags()}"
-          + "".join(f"; {peer} {flags}" for peer, flags in peer_flags.items()))
+          + "".join(f"; {peer} {value}" for peer, value in flags.items()))
     print(f"load average at start {started_load}, at end {load()}; {args.repeats} repeats per "
           f"row, median (min-max)")
     ours = rows["appliance"]
@@ -274,9 +287,8 @@ def main() -> None:
         print(table(out))
 
 
-def _system_info(log: Path) -> str:
-    """The SIMD levels a peer says it was built for (llama-server logs its system_info)."""
-    text = log.read_text(errors="replace") if log.exists() else ""
+def _system_info(text: str) -> str:
+    """The SIMD levels in a llama.cpp tool's system_info line."""
     found = re.search(r"system_info:.*?\|(.*)", text)
     if not found:
         return "not logged"
