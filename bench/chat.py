@@ -4,7 +4,8 @@ same run, same load.
     make bench-chat           # vs llama.cpp's llama-server, 1/4/8/16 clients, 128 and 512 tokens
     make bench-chat-python    # vs llama-cpp-python's server, 1/4/8 clients, 128 tokens
 
-All servers are started, each is warmed up, and every row (answer length x clients) is run
+All servers are started, each is warmed up (and again with each row's prompts, which both
+keep in their prompt caches), and every row (answer length x clients) is run
 `--repeats` times, the servers taking turns in a rotating order (ours first, then the peer
 first, ...), so drift in the machine's speed falls on both sides alike. Only one server works at a
 time; the others sit idle. Clients stream mixed prompts and fixed-length answers (temperature 0,
@@ -76,6 +77,11 @@ def measure(servers: dict[str, str], model: str, args: argparse.Namespace,
     for max_tokens in args.max_tokens:
         for clients in args.clients:
             rounds = args.rounds + (1 if clients == 1 else 0)
+            # the row's prompts once through each server, unmeasured: both keep prompts (our
+            # prefix cache, llama-server's prompt cache), so otherwise only the first repeat
+            # would prefill them cold (measured: 4 clients at 31-37 tok/s, then 48-55)
+            for name in names:
+                asyncio.run(run_load(servers[name], model, clients, rounds, 8, eos))
             for rep in range(args.repeats):
                 for name in names[rep % len(names):] + names[:rep % len(names)]:
                     r = asyncio.run(run_load(servers[name], model, clients, rounds, max_tokens,
