@@ -64,10 +64,7 @@ class Writer:
 
 
 def _install(path: Path, layout: Layout, writer: Writer) -> int:
-    store = Store(layout)
-    with store.locked():
-        staged = system.stage(path, layout, store)
-        return system.install_staged(layout, store, staged, writer)
+    return system.install_file(path, layout, lambda line: None, writer)[1]
 
 
 def _events(layout: Layout) -> list[dict[str, object]]:

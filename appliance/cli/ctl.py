@@ -446,13 +446,9 @@ def _system(args: argparse.Namespace, layout: Layout) -> int:
         print(json.dumps(system.status(layout), indent=2))
         return 0
     if args.action == "install":
-        store = Store(layout)
-        with store.locked():
-            staged = system.stage(args.file, layout, store)
-            print(f"system {staged.manifest.sequence} verified: writing the inactive slot",
-                  flush=True)
-            seconds = system.install_staged(layout, store, staged)
-        print(f"system {staged.manifest.sequence} written in {seconds} s; the next boot tries it")
+        version, seconds = system.install_file(args.file, layout,
+                                               lambda line: print(line, flush=True))
+        print(f"system {version} written in {seconds} s; the next boot tries it")
         return 0
     if args.action == "settle":
         system.settle(layout, print)

@@ -143,17 +143,9 @@ def process(layout: Layout, folder: Path, check_settings: control.SettingsCheck,
 
 def _system(layout: Layout, path: Path, say: Callable[[str], None],
             write_slot: system.Runner) -> StickResult:
-    store = Store(layout)
     try:
-        with store.locked():
-            staged = system.stage(path, layout, store)
-            version = staged.manifest.sequence
-            say(f"{path.name}: system {version} verified: writing the inactive slot")
-            seconds = system.install_staged(layout, store, staged, write_slot)
+        version, seconds = system.install_file(path, layout, say, write_slot)
     except ApplianceError as exc:
-        with contextlib.suppress(ApplianceError):
-            layout.audit.append("system-import", file=path.name, result="rejected",
-                                error=type(exc).__name__, detail=exc.message)
         return StickResult(path.name, "system", "refused", exc.message)
     return StickResult(path.name, "system", "installed",
                        f"written in {seconds} s; the next boot tries it", sy.CHANNEL, version)

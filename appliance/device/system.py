@@ -240,10 +240,8 @@ def install_staged(layout: Layout, store: Store, staged: Staged,
     started = time.monotonic()
     try:
         write()
-    except ApplianceError as exc:
-        layout.audit.append("system-install", version=m.sequence, result="rejected",
-                            detail=exc.message)
-        discard_staging(layout)
+    except ApplianceError:
+        discard_staging(layout)  # audited by install_file, with the file's name
         raise
     seconds = round(time.monotonic() - started)
     store.raise_highwater(highwater_name(m.name), m.sequence)
@@ -252,6 +250,24 @@ def install_staged(layout: Layout, store: Store, staged: Staged,
     layout.audit.append("system-install", version=m.sequence, slot=f"appliance_{m.sequence}",
                         seconds=seconds, result="ok")
     return seconds
+
+
+def install_file(path: Path, layout: Layout, say: Callable[[str], None],
+                 write: Runner = start_sysupdate) -> tuple[int, int]:
+    """Stage and write one `.system` file under the store lock: (version, seconds the write
+    took). Any refusal is audited once, naming the file, and raised."""
+    store = Store(layout)
+    try:
+        with store.locked():
+            staged = stage(path, layout, store)
+            say(f"{path.name}: system {staged.manifest.sequence} verified: writing the "
+                "inactive slot")
+            return staged.manifest.sequence, install_staged(layout, store, staged, write)
+    except ApplianceError as exc:
+        with contextlib.suppress(ApplianceError):
+            layout.audit.append("system-import", file=path.name, result="rejected",
+                                error=type(exc).__name__, detail=exc.message)
+        raise
 
 
 # --- check (a counted boot) and settle (every boot) ------------------------------------------
