@@ -24,10 +24,15 @@ turns of a conversation) copies that stream back and decodes only the rest. Like
 prompt cache, a restored prefix can round differently from a cold prefill (the kernels sum in
 another order for other batch shapes), so answers after a hit may differ in late tokens.
 
-Prompt-lookup speculation (opt-in, `lookup_draft`): for greedy requests, when the last three
-tokens occurred earlier in the prompt or answer, the tokens that followed them are decoded as a
-draft in the same step and kept as far as the model agrees. It pays where answers quote their
-input. Off by default: verifying several rows of one sequence rounds like any other batch shape.
+Prompt-lookup speculation (`lookup_draft`, on by default): for a greedy request decoding alone,
+when its last three tokens occurred earlier in the prompt or answer, the tokens that followed
+them are decoded as a draft in the same step and kept as far as the model agrees. Outputs stay
+bit-identical to plain decoding because the engine measures it: at start it decodes a probe
+text token by token and again as draft batches, and allows only draft lengths whose logits
+match bit for bit (on x86 llama.cpp repacks K-quants and multiplies 4+ rows with another
+kernel: drafts up to 2 tokens, 3 rows, stay on the one-row kernel). Only a sequence decoding
+alone drafts: beside others, extra rows move it onto another kernel, and a batch is already
+compute-bound (measured: 8 clients took 6% longer with drafts).
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ __all__ = ["ChatEngine", "EngineBusy", "EngineConfig", "Event", "Finish", "Gener
 
 log = logging.getLogger(__name__)
 SCORE_CHUNK = 32  # prompt tokens scored per step: each keeps a row of n_vocab logits
+# decoded at start to find which draft lengths verify bit-identically (any text will do)
+PROBE_TEXT = "The appliance checks every bundle before it installs it, and keeps the old one."
 
 
 class EngineBusy(Busy):
@@ -92,7 +99,9 @@ class EngineConfig:
     ctx_per_seq: int = 1024  # KV cells of each sequence: its prompt + answer limit
     prefix_slots: int = 4  # KV streams that keep recent prompts for reuse (0: no prefix cache)
     min_prefix: int = 64  # shortest shared prefix worth restoring
-    lookup_draft: int = 0  # prompt-lookup speculation: most draft tokens per step (0: off)
+    # prompt-lookup speculation: most draft tokens per step (0: off); the engine uses no more
+    # than its start-up probe found bit-identical to plain decoding
+    lookup_draft: int = 2
     batch: int = 512  # most tokens per llama_decode call
     max_queue: int = 64
 
@@ -140,9 +149,8 @@ class _Seq:
     generated: int = 0
     started: float = field(default_factory=time.monotonic)
     ttft: float | None = None
-    history: list[int] = field(default_factory=list)  # prompt + generated, for lookup drafts
+    lookup: NgramIndex | None = None  # prompt + answer so far, for drafts (greedy only)
     draft: list[int] = field(default_factory=list)
-    speculate: bool = False
     greedy: bool = False  # plain argmax over the logits (plus logit_bias): no sampler needed
     index: int = 0  # the choice
     cached: int = 0  # prompt tokens restored from another stream
@@ -198,6 +206,13 @@ class ChatEngine:
         self._mem = ll.llama_get_memory(self._ctx)
         self.ctx_per_seq = min(config.ctx_per_seq, self.n_ctx_train or config.ctx_per_seq)
         self._batch = ll.llama_batch_init(config.batch, 0, 1)
+        try:
+            self.draft_limit = self._probe_drafts(min(config.lookup_draft, config.batch - 1))
+        except ApplianceError:
+            ll.llama_batch_free(self._batch)
+            ll.llama_free(self._ctx)
+            ll.llama_model_free(self._model)
+            raise
         self._lock = threading.Condition()
         self._waiting: deque[tuple[GenerationRequest, Stream]] = deque()
         self._active: list[_Seq] = []
@@ -383,6 +398,50 @@ class ChatEngine:
         ll.llama_free(self._ctx)
         ll.llama_model_free(self._model)
 
+    # --- the draft probe (before the scheduler starts) ----------------------------------------
+
+    def _probe_drafts(self, most: int) -> int:
+        """The longest draft (at most `most` tokens) whose verification logits are bit-identical
+        to decoding the same tokens one at a time, on this model and these kernels: which kernel
+        multiplies a batch depends on its row count, not on the numbers, so one probe text
+        settles it for every request. 0 turns speculation off."""
+        if most <= 0:
+            return 0
+        tokens = self.tokenize(PROBE_TEXT, add_special=True, parse_special=False)
+        pos = len(tokens) - 1
+        try:
+            self._decode_rows([(t, i, False) for i, t in enumerate(tokens[:-1])])
+            plain: list[np.ndarray] = []  # logits of one token per decode, greedy
+            fed = [tokens[-1]]
+            for j in range(most + 1):
+                plain += self._decode_rows([(fed[j], pos + j, True)])
+                fed.append(int(plain[-1].argmax()))
+            identical = 0
+            for k in range(1, most + 1):
+                self._ll.llama_memory_seq_rm(self._mem, 0, pos, -1)
+                rows = self._decode_rows([(t, pos + j, True) for j, t in enumerate(fed[:k + 1])])
+                if not all(np.array_equal(a, b) for a, b in zip(rows, plain, strict=False)):
+                    break
+                identical = k
+        finally:
+            self._ll.llama_memory_seq_rm(self._mem, 0, -1, -1)
+        log.info("lookup drafts: %d of %d tokens verify bit-identically", identical, most)
+        return identical
+
+    def _decode_rows(self, rows: list[tuple[int, int, bool]]) -> list[np.ndarray]:
+        """Decode (token, position, wants logits) rows of sequence 0; copies of their logits."""
+        batch = self._batch
+        for i, (token, pos, logits) in enumerate(rows):
+            batch.token[i], batch.pos[i], batch.logits[i] = token, pos, logits
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+        batch.n_tokens = len(rows)
+        if self._ll.llama_decode(self._ctx, batch) != 0:
+            raise ApplianceError(f"llama.cpp could not decode the probe for {self.path.name}")
+        return [np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, i),
+                                      shape=(self.n_vocab,)).copy()
+                for i, (_, _, logits) in enumerate(rows) if logits]
+
     # --- the scheduler thread -----------------------------------------------------------------
 
     def _admit(self) -> None:
@@ -420,15 +479,12 @@ class ChatEngine:
             if req.prompt_logprobs and k == 0:
                 seq.scores = []
             s = req.sampling
-            # greedy only, and no sampler state (penalties remember tokens; a grammar would
-            # have to be rewound): logit_bias is applied at every verified position
-            seq.speculate = bool(self.config.lookup_draft and s.temperature <= 0 and not req.grammar
-                                 and req.logprobs is None and not s.presence_penalty
-                                 and not s.frequency_penalty and s.repeat_penalty == 1.0)
+            # greedy with no sampler state (penalties remember tokens; a grammar would have to
+            # be rewound): the argmax needs no sampler, and drafts can be checked
             seq.greedy = bool(s.temperature <= 0 and not req.grammar and not s.presence_penalty
                               and not s.frequency_penalty and s.repeat_penalty == 1.0)
-            if seq.speculate:
-                seq.history = list(req.prompt)
+            if seq.greedy and self.draft_limit and req.logprobs is None:
+                seq.lookup = NgramIndex(req.prompt)
             self._restore_prefix(seq)
             self._active.append(seq)
             self._active.sort(key=lambda s: s.seq_id)
@@ -555,20 +611,21 @@ class ChatEngine:
             n += 1
 
         # Every generating sequence gets its next token; prompts fill the room that is left.
-        # Tokens go in sequence-id order (see the module docstring).
-        decoding = [s for s in self._active if s.pending is not None]
-        # Drafts only when every generating sequence has one, all cut to the same length:
-        # llama.cpp splits a step into micro-batches of equal tokens per sequence.
-        k = min((len(s.draft) for s in decoding), default=0)
-        room = self.config.batch - len(decoding) * (1 + k)
+        # Tokens go in sequence-id order (see the module docstring). Only a sequence decoding
+        # alone may add a draft (see the module docstring).
+        solo = self._active[0] if len(self._active) == 1 else None
+        if solo is not None and solo.pending is not None and solo.lookup is not None:
+            solo.draft = solo.lookup.draft(min(self.draft_limit,
+                                               solo.req.max_tokens - solo.generated - 1))
+        k = len(solo.draft) if solo is not None else 0
+        room = self.config.batch - sum(1 for s in self._active if s.pending is not None) - k
         for seq in self._active:
             if seq.pending is not None:
                 pos = len(seq.req.prompt) + seq.generated - 1
                 add(seq.pending, pos, seq.seq_id, True)
                 outputs.append((seq, n - 1))
-                for j, token in enumerate(seq.draft[:k]):
+                for j, token in enumerate(seq.draft):
                     add(token, pos + 1 + j, seq.seq_id, True)
-                seq.draft = seq.draft[:k]
                 continue
             take = min(len(seq.req.prompt) - seq.done_prompt, room)
             if seq.scores is not None:  # every position's logits: bounded memory per step
@@ -632,7 +689,6 @@ class ChatEngine:
             logprob, top = _logprobs(logits, self.n_vocab, token, seq.req.logprobs)
         if self._emit(seq, token, logprob, top):
             seq.pending = token
-            self._propose(seq)
 
     def _pick(self, seq: _Seq, idx: int) -> int:
         """The next token. Greedy requests take the argmax of the raw logits directly: the
@@ -657,15 +713,7 @@ class ChatEngine:
                 ll.llama_memory_seq_rm(self._mem, seq.seq_id, pos + 1 + j, -1)
                 self.stats["draft_accepted"] += j
                 seq.pending = token
-                self._propose(seq)
                 return
-
-    def _propose(self, seq: _Seq) -> None:
-        """Prompt lookup: if the last tokens appeared before, draft what followed them."""
-        if not seq.speculate:
-            return
-        seq.draft = _lookup(seq.history, self.config.lookup_draft,
-                            seq.req.max_tokens - seq.generated - 1)
 
     def _emit(self, seq: _Seq, token: int, logprob: float | None,
               top: list[tuple[int, float]] | None) -> bool:
@@ -678,8 +726,8 @@ class ChatEngine:
             return False
         seq.generated += 1
         self.stats["tokens"] += 1
-        if seq.speculate:
-            seq.history.append(token)
+        if seq.lookup is not None:
+            seq.lookup.append(token)
         text = seq.text.feed(self.piece(token))
         self._outbox.put(seq.stream, TokenEvent(text, token, logprob, top, seq.index))
         if seq.text.stopped:
@@ -719,16 +767,32 @@ def biased_argmax(row: np.ndarray, bias: dict[int, float]) -> int:
     return int(row.argmax())
 
 
-def _lookup(history: list[int], most: int, room: int, ngram: int = 3) -> list[int]:
-    """The tokens that followed the latest earlier occurrence of the last `ngram` tokens."""
-    most = min(most, room)
-    if most <= 0 or len(history) <= ngram:
-        return []
-    tail = history[-ngram:]
-    for start in range(len(history) - ngram - 1, -1, -1):
-        if history[start:start + ngram] == tail:
-            return history[start + ngram:start + ngram + most]
-    return []
+class NgramIndex:
+    """A token history with, for each `ngram` tokens, where they last occurred, so that a draft
+    (what followed the latest earlier occurrence of the last `ngram` tokens) costs one dict
+    lookup per token instead of a scan of the history."""
+
+    def __init__(self, tokens: list[int], ngram: int = 3) -> None:
+        self.ngram = ngram
+        self.history: list[int] = []
+        self._last: dict[tuple[int, ...], int] = {}  # n-gram -> start of its latest occurrence
+        self._before = -1  # start of the tail's latest earlier occurrence (-1: none)
+        for token in tokens:
+            self.append(token)
+
+    def append(self, token: int) -> None:
+        self.history.append(token)
+        start = len(self.history) - self.ngram
+        if start >= 0:
+            key = tuple(self.history[start:])
+            self._before = self._last.get(key, -1)
+            self._last[key] = start
+
+    def draft(self, most: int) -> list[int]:
+        if most <= 0 or self._before < 0:
+            return []
+        begin = self._before + self.ngram
+        return self.history[begin:begin + most]
 
 
 def _logprobs(logits_ptr: Any, n_vocab: int, token: int,

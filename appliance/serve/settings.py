@@ -24,7 +24,8 @@
     threads = 0                 # 0: one per physical core
     batch = 512
     prefix_slots = 2            # recent prompts kept for reuse (shared system prompts)
-    lookup_draft = 0            # prompt-lookup speculation for greedy requests: draft tokens
+    lookup_draft = 2            # prompt-lookup speculation for greedy requests: most draft
+                                # tokens (fewer if they would not verify bit-identically; 0: off)
     default_max_tokens = 1024   # answer length when a request sets no max_tokens (chat; the
                                 # completions default, 16, only if this is smaller)
     max_n = 8                   # most choices (`n`) one request may ask for
@@ -91,7 +92,7 @@ class Settings:
     threads: int = 0
     batch: int = 512
     prefix_slots: int = 2
-    lookup_draft: int = 0
+    lookup_draft: int = 2
     default_max_tokens: int = 1024
     max_n: int = 8
     prefer: str = "auto"
