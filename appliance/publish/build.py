@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.bundle import manifest as mf
 from appliance.bundle import signing
-from appliance.bundle.tarformat import TarWriter
-from appliance.errors import FormatError, StoreError
+from appliance.errors import FormatError
 from appliance.publish import convert, goldens
 from appliance.publish import recipe as rc
+from appliance.publish.archive import write_signed
 from appliance.publish.fetch import Resolver, sha256_file
 
 Log = Callable[[str], None]
@@ -162,25 +162,6 @@ def build(recipe_path: Path, keys: list[Ed25519PrivateKey], out_dir: Path, cache
 
 def _write(manifest: mf.Manifest, manifest_bytes: bytes, sig: bytes, payload: PayloadSet,
            out_dir: Path, log: Log) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / manifest.bundle_filename
-    tmp = target.with_name(f".{target.name}.tmp")
-    total, done = manifest.total_size, 0
-    try:
-        with tmp.open("wb") as out:
-            tar = TarWriter(out, int(manifest.created.timestamp()))
-            tar.add_bytes("manifest.toml", manifest_bytes)
-            tar.add_bytes("manifest.sig", sig)
-            for entry in manifest.files:
-                with payload.items[entry.path].source.open("rb") as src:
-                    tar.add_stream(entry.path, entry.size, src)
-                done += entry.size
-                log(f"write {entry.path} ({done * 100 // max(total, 1)}%)")
-            tar.close()
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {target}: {exc.strerror}") from exc
-    return target
+    files = [(e.path, e.size, payload.items[e.path].source) for e in manifest.files]
+    return write_signed(out_dir / manifest.bundle_filename, manifest.created, manifest_bytes, sig,
+                        files, log)

@@ -10,7 +10,6 @@ to the spec.
 from __future__ import annotations
 
 import hashlib
-import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from appliance.bundle import control as ctl
 from appliance.bundle import keys as keyfiles
 from appliance.bundle import signing
 from appliance.bundle.manifest import FORMAT_VERSION
-from appliance.bundle.tarformat import TarWriter
 from appliance.errors import FormatError, UsageError
+from appliance.publish.archive import write_signed
 from appliance.strict import parse_toml
 
 
@@ -53,15 +52,4 @@ def build(spec_path: Path, signers: list[Ed25519PrivateKey], out_dir: Path,
     data = tomli_w.dumps(doc).encode()
     parsed = ctl.parse(data, str(spec_path))  # what we sign must be what a device accepts
     sig = signing.sign(data, signers)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / parsed.filename
-    tmp = target.with_name(f".{target.name}.tmp")
-    with tmp.open("wb") as out:
-        tar = TarWriter(out, int(created.timestamp()))
-        tar.add_bytes("manifest.toml", data)
-        tar.add_bytes("manifest.sig", sig)
-        tar.close()
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, target)
-    return target
+    return write_signed(out_dir / parsed.filename, created, data, sig)

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from appliance.bundle import manifest as mf
 from appliance.bundle import signing
 from appliance.bundle import system as sy
-from appliance.bundle.tarformat import TarWriter
 from appliance.errors import UsageError
+from appliance.publish.archive import write_signed
 from appliance.publish.build import Log
 from appliance.publish.fetch import sha256_file
 
@@ -57,18 +57,7 @@ def build(root: Path, kernel: Path, initrd: Path, version: int, target: str,
         data = manifest.to_toml()
         sy.parse(data)  # what we sign must be what a device accepts
         sig = signing.sign(data, keys)
-        target_path = out_dir / manifest.filename
-        tmp_path = target_path.with_name(f".{target_path.name}.tmp")
-        with tmp_path.open("wb") as out:
-            tar = TarWriter(out, int(created.timestamp()))
-            tar.add_bytes("manifest.toml", data)
-            tar.add_bytes("manifest.sig", sig)
-            for entry in files:
-                with (parts / entry.path).open("rb") as src:
-                    tar.add_stream(entry.path, entry.size, src)
-            tar.close()
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp_path, target_path)
+        target_path = write_signed(out_dir / manifest.filename, created, data, sig,
+                                   [(e.path, e.size, parts / e.path) for e in files])
     log(f"system update {target_path.name}: {target_path.stat().st_size >> 20} MiB")
     return target_path
