@@ -130,7 +130,7 @@ image: venv image-tools
 	[ -f $$key ] || (umask 077; echo "sk-appliance-$$(head -c 32 /dev/urandom | base64 | tr -d '=+/\n')" > $$key); \
 	printf 'owner %s\n' "$$(tr -d '\n' < $$key | sha256sum | cut -c1-64)" > out/image/$(TARGET).api-keys
 	$(VENV)/bin/appliance-build image --target $(TARGET) --out out/image \
-	  --api-keys out/image/$(TARGET).api-keys
+	  --api-keys out/image/$(TARGET).api-keys $(IMAGE_FLAGS)
 
 # Two builds of one target from the same inputs (same time, same publisher key), compared.
 image-repro: venv image-tools
@@ -147,6 +147,8 @@ ifeq ($(TARGET),jetson)
 image-test: venv image-tools
 	$(PY) -m pytest -m image -q -s tests/test_image_jetson.py
 else
+# the boot tests do not use the .system file: skip writing it (a minute)
+image-test: IMAGE_FLAGS += --no-system-update
 image-test: image
 	IMAGE_TARGET=$(TARGET) $(PY) -m pytest -m image -q -s tests/test_image.py
 endif

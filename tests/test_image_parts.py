@@ -190,3 +190,14 @@ def test_mdns_is_answered_by_resolved(tmp_path: Path) -> None:
     assert (tree / "etc/hostname").read_text() == "appliance\n"
     image.install_network(_with_system("arm64", tmp_path, mdns=False))
     assert "MulticastDNS" not in (tree / "etc/systemd/network/20-lan.network").read_text()
+
+
+def test_no_system_update_writes_none_and_leaves_no_stale_one(tmp_path: Path) -> None:
+    """`--no-system-update` (the boot tests' build) skips the `.system` file, and removes one
+    an earlier build left, so out/ never offers an update that is not this image."""
+    (tmp_path / "appliance-os-1.system").write_bytes(b"an older version")
+    ctx = image.Context(load("x86_64-cpu"), tmp_path, tmp_path, tmp_path, print, None,
+                        system_update=False)
+    image.make_system_update(ctx)  # would need the disk image, absent here, if it ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert "system_update" not in ctx.inputs

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--system-version", type=int, default=None,
                     help="the system version (default: SOURCE_DATE_EPOCH or the build time); "
                     "a device installs only a version above its own")
+    im.add_argument("--no-system-update", action="store_true",
+                    help="do not also write the version as a signed .system file")
     su = sub.add_parser("system-update", help="a signed system update from a root file system, "
                         "kernel and initrd (an image build writes its own)")
     su.add_argument("--root", type=Path, required=True, help="the slot's ext4 image")
@@ -96,7 +98,8 @@ def _main(args: argparse.Namespace) -> int:
             raise UsageError(f"--llama-wheel {args.llama_wheel}: no such file")
         built = image.build(target.load(args.target, folder), args.out.resolve(),
                             args.cache.resolve(), log, args.key, args.api_keys, llama_wheel=wheel,
-                            version=args.system_version)
+                            version=args.system_version,
+                            system_update=not args.no_system_update)
         print(f"{built} ({built.stat().st_size >> 20} MiB)")
         return 0
     if args.command == "receipts":

@@ -446,14 +446,17 @@ def make_system_update(ctx: Context) -> None:
     t = ctx.target
     if t.format is not ImageFormat.DISK:
         return
+    for old in ctx.out.glob(f"{sy.CHANNEL}-*{sy.SUFFIX}"):  # never beside another version
+        old.unlink()
+    if not ctx.system_update:
+        ctx.log("skipped (--no-system-update)")
+        return
     assert ctx.signing_key is not None
     disk = ctx.out / f"{t.name}.img"
     first, last = gpt_partitions(disk)[slot_name(ctx.version)]
     root = ctx.work / "root.ext4"
     copy_sparse(disk, first * 512, (last - first + 1) * 512, root)
     kernel, initrd = boot_files(ctx)
-    for old in ctx.out.glob(f"{sy.CHANNEL}-*{sy.SUFFIX}"):
-        old.unlink()
     update = system_update.build(root, kernel, initrd, ctx.version, t.name,
                                  t.architecture.value, [keys.load_private(ctx.signing_key)],
                                  ctx.out, ctx.log)
@@ -596,7 +599,8 @@ STEPS = [check_host, build_bundle, install_base_tree, build_wheels, install_pyth
 
 def build(target: Target, out: Path, cache: Path, log: Log,
           signing_key: Path | None = None, api_keys: Path | None = None,
-          llama_wheel: Path | None = None, version: int | None = None) -> Path:
+          llama_wheel: Path | None = None, version: int | None = None,
+          system_update: bool = True) -> Path:
     """Run every step for `target`; return the image (or rootfs tarball)."""
     if os.geteuid() != 0:
         raise UsageError("building an image needs root (mmdebstrap --mode=root, chroot)")
@@ -606,7 +610,7 @@ def build(target: Target, out: Path, cache: Path, log: Log,
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"image-{target.name}-", dir=cache))
     ctx = Context(target, out, work, cache, log, signing_key, api_keys=api_keys,
-                  llama_wheel=llama_wheel)
+                  llama_wheel=llama_wheel, system_update=system_update)
     ctx.version = version or ctx.epoch  # the build time only grows, and is reproducible
     started = time.monotonic()
     try:

@@ -49,6 +49,7 @@ class Context:
     llama_wheel: Path | None = None  # a wheel the owner built (e.g. on a Jetson), used as is
     toolkit_missing: ImageError | None = None  # raised by the step that needs the toolkit
     version: int = 0  # the system version (IMAGE_VERSION, the slot's name)
+    system_update: bool = True  # also write the version as a `.system` file (about a minute)
 
     @property
     def mirrors(self) -> list[str]:
