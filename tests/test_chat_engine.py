@@ -173,11 +173,11 @@ def test_short_prompts_are_not_cached(smollm_gguf: Path) -> None:
 
 
 def test_prompt_lookup_speculation(smollm_gguf: Path) -> None:
-    """Drafts are on by default, checked by the start-up probe, and change no token."""
+    """Drafts are checked by the start-up probe and change no token."""
     text = ("The appliance verifies every bundle before installing it. Each file is hashed "
             "while it is copied, and the manifest is signed. ")
     outputs, accepted, limits = [], [], []
-    for draft in (0, EngineConfig().lookup_draft, 6):
+    for draft in (0, 2, 6):
         eng = ChatEngine(smollm_gguf, EngineConfig(parallel=2, ctx_per_seq=512, prefix_slots=0,
                                                    lookup_draft=draft))
         try:
@@ -192,6 +192,37 @@ def test_prompt_lookup_speculation(smollm_gguf: Path) -> None:
     assert limits == [0, 2, 6]
     assert accepted[0] == 0 and accepted[1] > 10 and accepted[2] > 10
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_drafts_stop_where_verification_would_round_differently(smollm_gguf: Path) -> None:
+    """Past 256 positions llama.cpp splits one row's attention over threads, so a draft
+    there would not verify bit-identically: the probe finds the position, and an answer that
+    crosses it drafts only before it, and equals plain decoding."""
+    text = "Each file is hashed while it is copied, and the manifest is signed. "
+    eng = ChatEngine(smollm_gguf, EngineConfig(parallel=1, ctx_per_seq=512, prefix_slots=0,
+                                               lookup_draft=4))
+    try:
+        assert eng.draft_limit == 4
+        # the probe itself: drafts past the split do not match one-at-a-time decoding
+        probe = eng.tokenize(text * 30, True, False)[:300]
+        assert eng._identical_drafts(probe, 4, 0) == 0
+        eng._ll.llama_memory_seq_rm(eng._mem, 0, -1, -1)
+        assert 0 < eng.draft_below <= 256
+        prompt = eng.tokenize(f"Text: {text * 5}\nAgain: {text * 2}", True, False)
+        room = eng.draft_below - len(prompt)
+        assert 20 < room < 160
+        s = Stream()
+        eng.submit(GenerationRequest(prompt, 200, Sampling(temperature=0)), s)
+        with_drafts, fin = collect(s)
+        assert len(prompt) + fin.completion_tokens > eng.draft_below  # it crossed
+        assert 10 < eng.stats["draft_accepted"] <= room
+    finally:
+        eng.close()
+    plain = ChatEngine(smollm_gguf, EngineConfig(parallel=1, ctx_per_seq=512, prefix_slots=0))
+    try:
+        assert _answer(plain, prompt, 200) == with_drafts
+    finally:
+        plain.close()
 
 
 def test_drafts_only_for_a_sequence_decoding_alone(smollm_gguf: Path) -> None:

@@ -24,14 +24,15 @@ turns of a conversation) copies that stream back and decodes only the rest. Like
 prompt cache, a restored prefix can round differently from a cold prefill (the kernels sum in
 another order for other batch shapes), so answers after a hit may differ in late tokens.
 
-Prompt-lookup speculation (`lookup_draft`, on by default): for a greedy request decoding alone,
-when its last three tokens occurred earlier in the prompt or answer, the tokens that followed
-them are decoded as a draft in the same step and kept as far as the model agrees. Outputs stay
-bit-identical to plain decoding because the engine measures it: at start it decodes a probe
-text token by token and again as draft batches, and allows only draft lengths whose logits
-match bit for bit (on x86 llama.cpp repacks K-quants and multiplies 4+ rows with another
-kernel: drafts up to 2 tokens, 3 rows, stay on the one-row kernel). Only a sequence decoding
-alone drafts: beside others, extra rows move it onto another kernel, and a batch is already
+Prompt-lookup speculation (`lookup_draft`; the service turns it on): for a greedy request decoding
+alone, when its last three tokens occurred earlier in the prompt or answer, the tokens that
+followed them are decoded as a draft in the same step and kept as far as the model agrees.
+Outputs stay bit-identical to plain decoding because the engine measures it: at start it decodes
+a probe text token by token and again as drafts, and allows only the draft lengths and positions
+whose logits match bit for bit. On x86 that is drafts of up to 2 tokens (llama.cpp multiplies 4+
+rows of repacked K-quants with another kernel) below position 256 (from 512 KV cells on, one
+row's attention is split across threads and sums in another order). Only a sequence decoding
+alone drafts: beside others, extra rows move it onto other kernels, and a batch is already
 compute-bound (measured: 8 clients took 6% longer with drafts).
 """
 
@@ -99,9 +100,9 @@ class EngineConfig:
     ctx_per_seq: int = 1024  # KV cells of each sequence: its prompt + answer limit
     prefix_slots: int = 4  # KV streams that keep recent prompts for reuse (0: no prefix cache)
     min_prefix: int = 64  # shortest shared prefix worth restoring
-    # prompt-lookup speculation: most draft tokens per step (0: off); the engine uses no more
-    # than its start-up probe found bit-identical to plain decoding
-    lookup_draft: int = 2
+    # prompt-lookup speculation: most draft tokens per step (0: off; the service's default is
+    # 2); the engine uses no more than its start-up probe found bit-identical to plain decoding
+    lookup_draft: int = 0
     batch: int = 512  # most tokens per llama_decode call
     max_queue: int = 64
 
@@ -207,7 +208,8 @@ class ChatEngine:
         self.ctx_per_seq = min(config.ctx_per_seq, self.n_ctx_train or config.ctx_per_seq)
         self._batch = ll.llama_batch_init(config.batch, 0, 1)
         try:
-            self.draft_limit = self._probe_drafts(min(config.lookup_draft, config.batch - 1))
+            self.draft_limit, self.draft_below = self._probe_drafts(
+                min(config.lookup_draft, config.batch - 1))
         except ApplianceError:
             ll.llama_batch_free(self._batch)
             ll.llama_free(self._ctx)
@@ -400,32 +402,48 @@ class ChatEngine:
 
     # --- the draft probe (before the scheduler starts) ----------------------------------------
 
-    def _probe_drafts(self, most: int) -> int:
-        """The longest draft (at most `most` tokens) whose verification logits are bit-identical
-        to decoding the same tokens one at a time, on this model and these kernels: which kernel
-        multiplies a batch depends on its row count, not on the numbers, so one probe text
-        settles it for every request. 0 turns speculation off."""
+    def _probe_drafts(self, most: int) -> tuple[int, int]:
+        """(longest draft, first position a draft may not reach): the drafts whose verification
+        logits are bit-identical to decoding the same tokens one at a time, on this model and
+        these kernels. Which kernel runs depends on the shapes, not the numbers: the rows in the
+        step, and how many KV cells attention spans (llama.cpp pads that to 256, and splits a
+        single row's attention over threads from 512 on, summing in another order). So a probe
+        text is decoded ending just below 256 positions, and again past them; (0, 0) is off."""
         if most <= 0:
-            return 0
-        tokens = self.tokenize(PROBE_TEXT, add_special=True, parse_special=False)
-        pos = len(tokens) - 1
+            return 0, 0
+        text = self.tokenize(PROBE_TEXT, add_special=True, parse_special=False)
+        tokens = (text * (1024 // len(text) + 1))[:1024]
+        short = min(256, self.ctx_per_seq) - most  # its drafts end at position 255
+        long = min(short + 2 * most + 8, self.ctx_per_seq - most - 1)  # spans 512 cells
         try:
-            self._decode_rows([(t, i, False) for i, t in enumerate(tokens[:-1])])
-            plain: list[np.ndarray] = []  # logits of one token per decode, greedy
-            fed = [tokens[-1]]
-            for j in range(most + 1):
-                plain += self._decode_rows([(fed[j], pos + j, True)])
-                fed.append(int(plain[-1].argmax()))
-            identical = 0
-            for k in range(1, most + 1):
-                self._ll.llama_memory_seq_rm(self._mem, 0, pos, -1)
-                rows = self._decode_rows([(t, pos + j, True) for j, t in enumerate(fed[:k + 1])])
-                if not all(np.array_equal(a, b) for a, b in zip(rows, plain, strict=False)):
-                    break
-                identical = k
+            k = self._identical_drafts(tokens[:short], most, 0)
+            if k and long > short and self._identical_drafts(tokens[:long], k, short - 1) < k:
+                return k, short + k
+            return k, self.ctx_per_seq if k else 0
         finally:
             self._ll.llama_memory_seq_rm(self._mem, 0, -1, -1)
-        log.info("lookup drafts: %d of %d tokens verify bit-identically", identical, most)
+
+    def _identical_drafts(self, tokens: list[int], most: int, cached: int) -> int:
+        """Decode `tokens` (the first `cached` are in sequence 0 already), then the next
+        `most` + 1 one at a time (greedy), then those again as one draft of k tokens for
+        k = 1..most: the largest k that matched. Leaves all but the last token cached."""
+        pos = len(tokens) - 1
+        self._decode_rows([(t, i, False) for i, t in enumerate(tokens[:-1]) if i >= cached])
+        plain: list[np.ndarray] = []
+        fed = [tokens[-1]]
+        for j in range(most + 1):
+            plain += self._decode_rows([(fed[j], pos + j, True)])
+            fed.append(int(plain[-1].argmax()))
+        identical = 0
+        for k in range(1, most + 1):
+            self._ll.llama_memory_seq_rm(self._mem, 0, pos, -1)
+            rows = self._decode_rows([(t, pos + j, True) for j, t in enumerate(fed[:k + 1])])
+            if not all(np.array_equal(a, b) for a, b in zip(rows, plain, strict=False)):
+                break
+            identical = k
+        self._ll.llama_memory_seq_rm(self._mem, 0, pos, -1)
+        log.info("lookup drafts after %d tokens: %d of %d verify bit-identically", len(tokens),
+                 identical, most)
         return identical
 
     def _decode_rows(self, rows: list[tuple[int, int, bool]]) -> list[np.ndarray]:
@@ -615,7 +633,8 @@ class ChatEngine:
         # alone may add a draft (see the module docstring).
         solo = self._active[0] if len(self._active) == 1 else None
         if solo is not None and solo.pending is not None and solo.lookup is not None:
-            solo.draft = solo.lookup.draft(min(self.draft_limit,
+            pos = len(solo.req.prompt) + solo.generated - 1  # of the pending token
+            solo.draft = solo.lookup.draft(min(self.draft_limit, self.draft_below - 1 - pos,
                                                solo.req.max_tokens - solo.generated - 1))
         k = len(solo.draft) if solo is not None else 0
         room = self.config.batch - sum(1 for s in self._active if s.pending is not None) - k
