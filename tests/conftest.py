@@ -158,15 +158,32 @@ def start_server(root: Path, demo: tuple[Path, Path], config: str,
     raise AssertionError("server did not become healthy in 120 s")
 
 
+def installed_gguf(root: Path, bundle: tuple[Path, Path], name: str, sequence: int = 1) -> Path:
+    """The chat model's GGUF of `name` (keys folder, bundle folder), as imported into `root`."""
+    keys_dir, out = bundle
+    assert run_tool("ctl", root, "keys", "add", str(keys_dir / "k.pub")).returncode == 0
+    imported = run_tool("ctl", root, "bundle", "import", str(out / f"{name}-{sequence}.bundle"))
+    assert imported.returncode == 0, imported.stderr
+    from appliance.device.store import Store
+    inst = Store(Layout(root)).load(name, sequence)
+    model = next(m for m in inst.manifest.models if m.task.value == "chat")
+    return inst.file(model.variants[0].path)
+
+
 @pytest.fixture(scope="session")
 def smollm_gguf(tmp_path_factory: pytest.TempPathFactory, demo_bundles: tuple[Path, Path]) -> Path:
     """The demo chat model's GGUF, as installed from the real bundle."""
-    root = tmp_path_factory.mktemp("gguf") / "root"
-    keys_dir, out = demo_bundles
-    assert run_tool("ctl", root, "keys", "add", str(keys_dir / "k.pub")).returncode == 0
-    assert run_tool("ctl", root, "bundle", "import", str(out / "demo-1.bundle")).returncode == 0
-    from appliance.device.layout import Layout
-    from appliance.device.store import Store
-    inst = Store(Layout(root)).load("demo", 1)
-    model = next(m for m in inst.manifest.models if m.task.value == "chat")
-    return inst.file(model.variants[0].path)
+    return installed_gguf(tmp_path_factory.mktemp("gguf") / "root", demo_bundles, "demo")
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """gemma-3-270m from bundles/bench.toml: a base model with sliding-window attention (512
+    positions in 15 of its 18 layers), which the demo's SmolLM2 lacks."""
+    tmp = tmp_path_factory.mktemp("bench")
+    assert run_tool("build", tmp, "keygen", "--out", str(tmp / "k")).returncode == 0
+    built = run_tool("build", tmp, "bundle", str(PROJECT / "bundles/bench.toml"),
+                     "--key", str(tmp / "k.key"), "--out", str(tmp / "out"),
+                     "--cache", str(PROJECT / ".cache" / "bundle"))
+    assert built.returncode == 0, built.stderr
+    return installed_gguf(tmp / "root", (tmp, tmp / "out"), "bench")
