@@ -24,6 +24,10 @@ turns of a conversation) copies that stream back and decodes only the rest. Like
 prompt cache, a restored prefix can round differently from a cold prefill (the kernels sum in
 another order for other batch shapes), so answers after a hit may differ in late tokens.
 
+Sliding-window layers (Gemma 3) keep only their window in each stream, as in llama-server
+(`swa_full` off), so a stream cut back to a position must still hold the window before it: a
+prefix restore that would need dropped positions decodes the prompt afresh (`_holds_window`).
+
 Prompt-lookup speculation (`lookup_draft`; the service turns it on): for a greedy request decoding
 alone, when its last three tokens occurred earlier in the prompt or answer, the tokens that
 followed them are decoded as a draft in the same step and kept as far as the model agrees.
@@ -199,12 +203,14 @@ class ChatEngine:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.kv_unified = False  # see the module docstring
+        cparams.swa_full = False  # sliding-window layers keep their window only: `_holds_window`
         cparams.no_perf = True
         self._ctx = ll.llama_init_from_model(self._model, cparams)
         if not self._ctx:  # e.g. no memory for the KV cache: give the weights back too
             ll.llama_model_free(self._model)
             raise ApplianceError(f"llama.cpp could not create a context for {model_path.name}")
         self._mem = ll.llama_get_memory(self._ctx)
+        self._n_swa = ll.llama_model_n_swa(self._model)  # 0: no sliding-window layers
         self.ctx_per_seq = min(config.ctx_per_seq, self.n_ctx_train or config.ctx_per_seq)
         self._batch = ll.llama_batch_init(config.batch, 0, 1)
         try:
@@ -543,8 +549,8 @@ class ChatEngine:
             slot, keep = sibling.seq_id, len(seq.prompt) - 1
         else:
             slot, keep = self._prefix.source(seq.req.prompt, self._active)
-        if slot < 0 or keep <= 0:
-            return
+        if slot < 0 or keep <= 0 or not self._holds_window(slot, keep):
+            return  # a cold prefill
         ll = self._ll
         ll.llama_memory_seq_cp(self._mem, slot, seq.seq_id, -1, -1)
         if not ll.llama_memory_seq_rm(self._mem, seq.seq_id, keep, -1):
@@ -554,6 +560,17 @@ class ChatEngine:
         self._prefix.used(slot)
         self.stats["prefix_hits"] += 1
         self.stats["prefix_tokens"] += keep
+
+    def _holds_window(self, seq_id: int, pos: int) -> bool:
+        """Whether stream `seq_id`, cut back to `pos`, still holds every position the token at
+        `pos` attends to. With `swa_full` off, sliding-window layers reuse a stream's cells once
+        they fall out of the window, and drop all older positions with them (llama.cpp's
+        llama_kv_cache::apply_ubatch), so what is left runs from seq_pos_min to the end; a
+        token at p sees the positions after p - n_swa (llama_hparams::is_masked_swa)."""
+        if not self._n_swa:
+            return True
+        first = self._ll.llama_memory_seq_pos_min(self._mem, seq_id)
+        return bool(first <= max(0, pos - self._n_swa + 1))
 
     def _save_prefix(self, seq: _Seq) -> None:
         """Keep a copy of a just-decoded prompt in the least recently used slot."""
