@@ -26,7 +26,8 @@ another order for other batch shapes), so answers after a hit may differ in late
 
 Sliding-window layers (Gemma 3) keep only their window in each stream, as in llama-server
 (`swa_full` off), so a stream cut back to a position must still hold the window before it: a
-prefix restore that would need dropped positions decodes the prompt afresh (`_holds_window`).
+prefix restore that would need dropped positions decodes the prompt afresh (`_holds_window`);
+rolling back rejected drafts never does (`_verify`).
 
 Prompt-lookup speculation (`lookup_draft`; the service turns it on): for a greedy request decoding
 alone, when its last three tokens occurred earlier in the prompt or answer, the tokens that
@@ -737,7 +738,13 @@ class ChatEngine:
 
     def _verify(self, seq: _Seq, idx: int) -> None:
         """Greedy check of a lookup draft: keep the drafted tokens the model agrees with, then
-        its own next token; drop the KV of the rest."""
+        its own next token; drop the KV of the rest.
+
+        That leaves the sliding window whole (`_holds_window`): only a sequence decoding alone
+        drafts, so its rows go through one micro-batch, which reuses only cells its first
+        position no longer sees (llama_kv_cache::find_slot masks against seq_pos_max + 1); the
+        next token comes later and needs none of them. Beside a shorter prompt chunk, llama.cpp's
+        equal split would send the last drafted rows through a second micro-batch, which could."""
         ll, draft = self._ll, seq.draft
         seq.draft = []
         pos = len(seq.req.prompt) + seq.generated - 1  # of the pending token
