@@ -194,13 +194,26 @@ def test_prompt_lookup_speculation(smollm_gguf: Path) -> None:
     assert outputs[0] == outputs[1] == outputs[2]
 
 
+def test_draft_probe_with_a_small_batch(smollm_gguf: Path) -> None:
+    """The probe's 250-token prefill goes in batch-sized pieces (here 64 rows)."""
+    eng = ChatEngine(smollm_gguf, EngineConfig(threads=2, parallel=1, ctx_per_seq=512,
+                                               prefix_slots=0, batch=64, lookup_draft=2))
+    try:
+        assert (eng.draft_limit, eng.draft_below) == (2, 256)
+        prompt = eng.tokenize("Each file is hashed while it is copied. " * 3, True, False)
+        assert _answer(eng, prompt, 8)
+    finally:
+        eng.close()
+
+
 def test_drafts_stop_where_verification_would_round_differently(smollm_gguf: Path) -> None:
     """Past 256 positions llama.cpp splits one row's attention over threads, so a draft
     there would not verify bit-identically: the probe finds the position, and an answer that
     crosses it drafts only before it, and equals plain decoding."""
     text = "Each file is hashed while it is copied, and the manifest is signed. "
-    eng = ChatEngine(smollm_gguf, EngineConfig(parallel=1, ctx_per_seq=512, prefix_slots=0,
-                                               lookup_draft=4))
+    # two threads: with one, a row's attention is never split, and drafts are exact anywhere
+    eng = ChatEngine(smollm_gguf, EngineConfig(threads=2, parallel=1, ctx_per_seq=512,
+                                               prefix_slots=0, lookup_draft=4))
     try:
         assert eng.draft_limit == 4
         # the probe itself: drafts past the split do not match one-at-a-time decoding
@@ -218,7 +231,8 @@ def test_drafts_stop_where_verification_would_round_differently(smollm_gguf: Pat
         assert 10 < eng.stats["draft_accepted"] <= room
     finally:
         eng.close()
-    plain = ChatEngine(smollm_gguf, EngineConfig(parallel=1, ctx_per_seq=512, prefix_slots=0))
+    plain = ChatEngine(smollm_gguf, EngineConfig(threads=2, parallel=1, ctx_per_seq=512,
+                                                 prefix_slots=0))
     try:
         assert _answer(plain, prompt, 200) == with_drafts
     finally:

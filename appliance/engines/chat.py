@@ -435,7 +435,9 @@ class ChatEngine:
         `most` + 1 one at a time (greedy), then those again as one draft of k tokens for
         k = 1..most: the largest k that matched. Leaves all but the last token cached."""
         pos = len(tokens) - 1
-        self._decode_rows([(t, i, False) for i, t in enumerate(tokens[:-1]) if i >= cached])
+        prefill = [(t, i, False) for i, t in enumerate(tokens[:-1]) if i >= cached]
+        for at in range(0, len(prefill), self.config.batch):  # the batch holds this many rows
+            self._decode_rows(prefill[at:at + self.config.batch])
         plain: list[np.ndarray] = []
         fed = [tokens[-1]]
         for j in range(most + 1):
