@@ -19,7 +19,7 @@ APT_PACKAGES := espeak-ng sox libsystemd-dev pkg-config
 STATE := $(CACHE)/run
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv llama-wheel llama-tools bench-chat image image-tools image-test image-test-update image-repro apt test test-fast run demo-bundle lint clean bench-chat-python bench-embed bench-asr
+.PHONY: help venv llama-wheel llama-tools bench-chat bench-chat-avx2 image image-tools image-test image-test-update image-repro apt test test-fast run demo-bundle lint clean bench-chat-python bench-embed bench-asr
 
 help:
 	@echo "make run    build + sign the demo bundle, import it into $(STATE), serve it on :8080"
@@ -104,6 +104,18 @@ run: demo-bundle
 bench-chat: venv llama-tools
 	$(PY) bench/chat.py --peers llama-server --clients 1 4 8 16 --max-tokens 128 512 --repeats 5 --extras \
 	  --llama-tools $(LLAMA_TOOLS_DIR)/bin
+
+# The same rows with llama.cpp built without AVX-512 on both sides (our wheel, llama-server):
+# AVX2's kernels, measured on an AVX-512 machine (its caches and memory stay this machine's).
+LLAMA_AVX2_ARGS := $(filter-out -DGGML_AVX512=%,$(LLAMA_CMAKE_ARGS)) -DGGML_AVX512=OFF
+LLAMA_AVX2_HASH := $(shell echo '$(LLAMA_AVX2_ARGS)' | sha256sum | cut -c1-12)
+bench-chat-avx2: venv
+	$(MAKE) llama-wheel llama-tools LLAMA_CMAKE_ARGS="$(LLAMA_AVX2_ARGS)"
+	rm -rf $(CACHE)/llama-avx2 && $(PY) -m pip install -q --no-deps --target $(CACHE)/llama-avx2 \
+	  $(WHEEL_CACHE)/llama-$(LLAMA_VERSION)-$(LLAMA_AVX2_HASH)/*.whl
+	PYTHONPATH=$(abspath $(CACHE)/llama-avx2) $(PY) bench/chat.py --peers llama-server \
+	  --clients 1 4 8 --max-tokens 128 512 --repeats 5 \
+	  --llama-tools $(WHEEL_CACHE)/llama-tools-$(LLAMA_VERSION)-$(LLAMA_AVX2_HASH)/bin
 
 bench-chat-python: venv
 	$(PY) bench/chat.py
