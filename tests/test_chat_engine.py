@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,6 +205,22 @@ def test_draft_probe_with_a_small_batch(smollm_gguf: Path) -> None:
         assert _answer(eng, prompt, 8)
     finally:
         eng.close()
+
+
+def test_a_failed_probe_fails_the_load_cleanly(smollm_gguf: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe runs on the scheduler thread; if it cannot decode, the constructor raises
+    its error and the thread is gone (a load error the runtime reports, not a hang)."""
+    from appliance.errors import ApplianceError
+
+    def fail(self: ChatEngine, tokens: list[int], most: int, cached: int) -> int:
+        raise ApplianceError("llama.cpp could not decode the probe")
+
+    monkeypatch.setattr(ChatEngine, "_identical_drafts", fail)
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(ApplianceError, match="could not decode the probe"):
+        ChatEngine(smollm_gguf, EngineConfig(parallel=1, ctx_per_seq=512, lookup_draft=2))
+    assert {t.name for t in threading.enumerate()} == before
 
 
 def test_drafts_stop_where_verification_would_round_differently(smollm_gguf: Path) -> None:
