@@ -99,9 +99,14 @@ def demo_bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def multilingual_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """As demo_bundles, for bundles/multilingual.toml (whisper base): (folder with k.key and
     k.pub, folder with multilingual-1.bundle)."""
-    tmp = tmp_path_factory.mktemp("multilingual")
+    return built_recipe(tmp_path_factory.mktemp("multilingual"), "multilingual.toml")
+
+
+def built_recipe(tmp: Path, recipe: str) -> tuple[Path, Path]:
+    """Build bundles/<recipe> (sources from the shared cache) with a new key in `tmp`: (folder
+    with k.key and k.pub, folder with the bundle)."""
     assert run_tool("build", tmp, "keygen", "--out", str(tmp / "k")).returncode == 0
-    built = run_tool("build", tmp, "bundle", str(PROJECT / "bundles/multilingual.toml"),
+    built = run_tool("build", tmp, "bundle", str(PROJECT / "bundles" / recipe),
                      "--key", str(tmp / "k.key"), "--out", str(tmp / "out"),
                      "--cache", str(PROJECT / ".cache" / "bundle"))
     assert built.returncode == 0, built.stderr
@@ -181,9 +186,4 @@ def gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """gemma-3-270m from bundles/bench.toml: a base model with sliding-window attention (512
     positions in 15 of its 18 layers), which the demo's SmolLM2 lacks."""
     tmp = tmp_path_factory.mktemp("bench")
-    assert run_tool("build", tmp, "keygen", "--out", str(tmp / "k")).returncode == 0
-    built = run_tool("build", tmp, "bundle", str(PROJECT / "bundles/bench.toml"),
-                     "--key", str(tmp / "k.key"), "--out", str(tmp / "out"),
-                     "--cache", str(PROJECT / ".cache" / "bundle"))
-    assert built.returncode == 0, built.stderr
-    return installed_gguf(tmp / "root", (tmp, tmp / "out"), "bench")
+    return installed_gguf(tmp / "root", built_recipe(tmp, "bench.toml"), "bench")
