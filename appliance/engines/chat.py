@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 SCORE_CHUNK = 32  # prompt tokens scored per step: each keeps a row of n_vocab logits
 # decoded at start to find which draft lengths verify bit-identically (any text will do)
 PROBE_TEXT = "The appliance checks every bundle before it installs it, and keeps the old one."
+ATTENTION_PAD = 256  # KV cells a step attends over are padded to this (llama_kv_cache::get_n_kv)
 
 
 class EngineBusy(Busy):
@@ -414,21 +415,29 @@ class ChatEngine:
     def _probe_drafts(self, most: int) -> tuple[int, int]:
         """(longest draft, first position a draft may not reach): the drafts whose verification
         logits are bit-identical to decoding the same tokens one at a time, on this model and
-        these kernels. Which kernel runs depends on the shapes, not the numbers: the rows in the
-        step, and how many KV cells attention spans (llama.cpp pads that to 256, and splits a
-        single row's attention over threads from 512 on, summing in another order). So a probe
-        text is decoded ending just below 256 positions, and again past them; (0, 0) is off."""
+        these kernels; (0, 0) is off. Which kernel runs depends on the shapes, not the numbers:
+        the rows in the step, and how many KV cells attention spans. llama.cpp pads the cells
+        to a multiple of 256 (`ATTENTION_PAD`), so a short probe text stands for every position
+        below 256. From 512 cells on it splits a single row's attention over its threads and
+        sums the parts in another order: with several threads no draft goes past 255. With one
+        a second probe, past 256 positions, decides; only then, as its 260-token prefill is
+        what a probe costs (minutes under emulation)."""
         if most <= 0:
             return 0, 0
         text = self.tokenize(PROBE_TEXT, add_special=True, parse_special=False)
-        tokens = (text * (1024 // len(text) + 1))[:1024]
-        short = min(256, self.ctx_per_seq) - most  # its drafts end at position 255
-        long = min(short + 2 * most + 8, self.ctx_per_seq - most - 1)  # spans 512 cells
+        below = min(ATTENTION_PAD, self.ctx_per_seq)
+        short = min(len(text), below - most)  # its drafts end below position 256
+        long = min(below + most + 8, self.ctx_per_seq - most - 1)  # spans 512 cells
         try:
-            k = self._identical_drafts(tokens[:short], most, 0)
-            if k and long > short and self._identical_drafts(tokens[:long], k, short - 1) < k:
-                return k, short + k
-            return k, self.ctx_per_seq if k else 0
+            k = self._identical_drafts(text[:short], most, 0)
+            if not k:
+                return 0, 0
+            if self._threads > 1 or long <= below:
+                return k, below
+            tokens = (text * (long // len(text) + 1))[:long]
+            if self._identical_drafts(tokens, k, short - 1) < k:
+                return k, below
+            return k, self.ctx_per_seq
         finally:
             self._ll.llama_memory_seq_rm(self._mem, 0, -1, -1)
 
@@ -461,9 +470,7 @@ class ChatEngine:
         """Decode (token, position, wants logits) rows of sequence 0; copies of their logits."""
         batch = self._batch
         for i, (token, pos, logits) in enumerate(rows):
-            batch.token[i], batch.pos[i], batch.logits[i] = token, pos, logits
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
+            _put_row(batch, i, token, pos, 0, logits)
         batch.n_tokens = len(rows)
         if self._ll.llama_decode(self._ctx, batch) != 0:
             raise ApplianceError(f"llama.cpp could not decode the probe for {self.path.name}")
@@ -653,11 +660,7 @@ class ChatEngine:
 
         def add(token: int, pos: int, seq_id: int, logits: bool) -> None:
             nonlocal n
-            batch.token[n] = token
-            batch.pos[n] = pos
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = seq_id
-            batch.logits[n] = logits
+            _put_row(batch, n, token, pos, seq_id, logits)
             n += 1
 
         # Every generating sequence gets its next token; prompts fill the room that is left.
@@ -794,6 +797,13 @@ class ChatEngine:
         else:
             return True
         return False
+
+
+def _put_row(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+    """Row i of a llama_batch: one token of one sequence."""
+    batch.token[i], batch.pos[i], batch.logits[i] = token, pos, logits
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq_id
 
 
 def greedy_token(row: np.ndarray, bias: dict[int, float]) -> int:
