@@ -617,7 +617,10 @@ def build(target: Target, out: Path, cache: Path, log: Log,
         for i, step in enumerate(STEPS, start=1):
             ctx.step = step.__name__
             log(f"[{i}/{len(STEPS)}] {ctx.step}")
+            begun = time.monotonic()
             step(ctx)
+            if time.monotonic() - begun >= 10:  # where a slow build's time went
+                log(f"  {ctx.step} took {time.monotonic() - begun:.0f} s")
     finally:
         if ctx.tree.exists():
             shutil.rmtree(ctx.tree, ignore_errors=True)
