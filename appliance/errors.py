@@ -65,6 +65,11 @@ class RollbackError(ApplianceError):
     status = 400
 
 
+class AlreadyInstalled(RollbackError):
+    """The very bundle (byte-identical signed manifest) is installed already: nothing to do.
+    A stick left in a device meets this at every boot; it is told apart from a replay."""
+
+
 class IntegrityError(ApplianceError):
     """A payload's size or hash differs from what the signed manifest declares."""
 

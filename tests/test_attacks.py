@@ -23,6 +23,7 @@ from appliance.device.install import import_bundle, verify_file
 from appliance.device.layout import Layout
 from appliance.device.store import Store
 from appliance.errors import (
+    AlreadyInstalled,
     ApplianceError,
     FormatError,
     IntegrityError,
@@ -294,8 +295,28 @@ def test_pickle_files(installed: Layout, factory: Factory, name: str, head: byte
 # --- sequence and time ------------------------------------------------------------------------
 
 def test_equal_sequence(installed: Layout, factory: Factory) -> None:
-    err = rejected(installed, factory.bundle(sequence=1), RollbackError)
+    """Another bundle under the installed number is a rollback; the very same one (a stick
+    left in) is told apart, and changes nothing either."""
+    files = {f"{MODEL}/LICENSE.txt": b"license", f"{MODEL}/w.gguf": b"GGUF" + bytes(100)}
+    err = rejected(installed, factory.bundle(sequence=1, files=files), RollbackError)
     assert "must be > installed 1" in err.message
+    assert not isinstance(err, AlreadyInstalled)
+    again = rejected(installed, factory.bundle(sequence=1), AlreadyInstalled)
+    assert again.message == "bundle demo sequence 1 is already installed (active)"
+    assert again.exit_code == RollbackError.exit_code
+
+
+def test_same_bundle_again_never_activates_it(installed: Layout, factory: Factory) -> None:
+    """After a rollback, the newer bundle still on the stick is reported, not made active."""
+    newer = factory.bundle(sequence=2)
+    import_bundle(newer, installed)
+    Store(installed).activate("demo", 1)
+    before = snapshot(installed.root)
+    with pytest.raises(AlreadyInstalled, match=r"sequence 2 is already installed \(not active\)"
+                       ) as info:
+        import_bundle(newer, installed)
+    assert info.value.hint == "appliance-ctl bundle activate demo 2"
+    assert snapshot(installed.root) == before and Store(installed).active("demo") == 1
 
 
 def test_older_sequence_after_newer(installed: Layout, factory: Factory) -> None:

@@ -103,7 +103,7 @@ def test_workflow_keygen_build_import_status_rollback(tmp_path: Path) -> None:
     assert run("ctl", root, "bundle", "check").returncode == 0
     old = run("ctl", root, "bundle", "import", str(bundle))
     assert old.returncode == RollbackError.exit_code
-    assert "must be > installed 4" in old.stderr
+    assert "sequence 3 is already installed (active)" in old.stderr
     audit = run("ctl", root, "audit", "verify")
     assert audit.returncode == 0 and "6 entries" in audit.stdout, audit.stdout
 

@@ -58,7 +58,7 @@ def test_kill_at_every_checkpoint(installed: Layout, factory: Factory, tmp_path:
         if again.returncode != 0:
             # killed after the new sequence was renamed into place: it is installed, complete
             # and counts for anti-rollback; activating it is one command away
-            assert "must be > installed 2" in again.stderr, again.stderr
+            assert "sequence 2 is already installed" in again.stderr, again.stderr
             assert _ctl(root, "bundle", "activate", "demo", "2").returncode == 0
         assert store.active("demo") == 2
         store.check(store.load("demo", 2))

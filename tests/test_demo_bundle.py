@@ -57,8 +57,8 @@ def test_demo_verify_import_rollback(demo: tuple[Path, Path]) -> None:
     back = run("ctl", root, "bundle", "rollback", "demo")
     assert back.returncode == 0 and "sequence 1 active (was 2)" in back.stdout
     assert run("ctl", root, "bundle", "check", "demo").returncode == 0
-    replay = run("ctl", root, "bundle", "import", str(out / "demo-1.bundle"))
-    assert replay.returncode == 5 and "must be > installed 2" in replay.stderr
+    again = run("ctl", root, "bundle", "import", str(out / "demo-1.bundle"))
+    assert again.returncode == 5 and "sequence 1 is already installed (active)" in again.stderr
 
 
 def test_self_test_clips_come_out_the_same(tmp_path: Path) -> None:

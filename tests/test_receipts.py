@@ -103,6 +103,29 @@ def test_a_second_stick_is_refused_and_says_so(installed: Layout, tmp_path: Path
     assert {r["result"] for r in body["results"]} == {"refused"}
 
 
+def test_a_stick_left_in_finds_its_bundle_present(installed: Layout, tmp_path: Path,
+                                                  factory: Factory) -> None:
+    """At the next boot the same stick is read again: its bundle is reported as installed
+    already, not as a refused rollback, and the import exits 0 (no failed unit each boot)."""
+    _device(installed)
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    factory.bundle(sequence=2).rename(usb / "demo-2.bundle")
+    assert [r.result for r in stick.process(installed, usb, check_document).results] == [
+        "imported"]
+    lines: list[str] = []
+    report = stick.process(installed, usb, check_document, say=lines.append)
+    assert [(r.result, r.detail) for r in report.results] == [
+        ("present", "bundle demo sequence 2 is already installed (active)")]
+    assert lines == ["demo-2.bundle: bundle demo sequence 2 is already installed (active)"]
+    body = receipt.verify((usb / str(report.receipt)).read_bytes(), "r").body
+    assert body["results"][0]["result"] == "present"
+    assert "0 done, 0 refused" in fleet.table(fleet.Fleet({body["device"]: body}))
+    again = run_tool("ctl", installed.root, "usb-import", "--dir", str(usb), "--wait", "0")
+    assert again.returncode == 0, again.stderr
+    assert "already installed (active)" in again.stdout
+
+
 def test_no_receipt_through_a_link(installed: Layout, tmp_path: Path,
                                    signing_key: Ed25519PrivateKey) -> None:
     _device(installed)

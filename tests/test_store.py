@@ -127,13 +127,19 @@ def test_audit_chain_records_and_detects_tampering(installed: Layout, factory: F
 
 
 def test_rejections_are_audited(installed: Layout, factory: Factory) -> None:
-    from appliance.errors import RollbackError
+    from appliance.errors import AlreadyInstalled, RollbackError
+    other = {"models/tiny/LICENSE.txt": b"license", "models/tiny/w.gguf": b"GGUF" + bytes(64)}
     with pytest.raises(RollbackError):
-        import_bundle(factory.bundle(sequence=1), installed)
+        import_bundle(factory.bundle(sequence=1, files=other), installed)
     last = installed.audit.entries()[-1]
     assert (last["event"], last["result"], last["error"]) == ("import", "rejected",
                                                              "RollbackError")
-    assert installed.audit.verify().entries == 2
+    with pytest.raises(AlreadyInstalled):
+        import_bundle(factory.bundle(sequence=1), installed)
+    last = installed.audit.entries()[-1]
+    assert (last["error"], last["detail"]) == (
+        "AlreadyInstalled", "bundle demo sequence 1 is already installed (active)")
+    assert installed.audit.verify().entries == 3
 
 
 def test_a_second_operation_waits_its_turn(installed: Layout, factory: Factory) -> None:

@@ -34,7 +34,14 @@ from appliance.bundle.tarformat import Member, TarReader
 from appliance.device import trial
 from appliance.device.layout import Layout
 from appliance.device.store import STAGING_PREFIX, Installed, Store
-from appliance.errors import ApplianceError, FormatError, IntegrityError, RollbackError, StoreError
+from appliance.errors import (
+    AlreadyInstalled,
+    ApplianceError,
+    FormatError,
+    IntegrityError,
+    RollbackError,
+    StoreError,
+)
 from appliance.faults import checkpoint
 from appliance.fsutil import fsync_dir
 
@@ -188,7 +195,9 @@ def verify_file(bundle: Path, layout: Layout, progress: Progress | None = None) 
     with open_file(bundle) as src:
         reader = BundleReader(src, layout)
         verified = reader.authenticate()
-        Store(layout).check_sequence(verified.manifest.name, verified.manifest.sequence)
+        store = Store(layout)
+        _refuse_if_installed(store, verified)
+        store.check_sequence(verified.manifest.name, verified.manifest.sequence)
         reader.copy_payload(verified.manifest, None, progress)
     return verified
 
@@ -228,12 +237,38 @@ def import_bundle(bundle: Path, layout: Layout, progress: Progress | None = None
         return installed
 
 
+def _refuse_if_installed(store: Store, verified: Verified) -> None:
+    """The same signed manifest as an installed sequence: say so, rather than calling it a
+    rollback. Never activates it: a stick left in must not undo an owner's rollback."""
+    m = verified.manifest
+    if m.sequence not in store.sequences(m.name):
+        return
+    try:
+        installed = (store.layout.store / m.name / str(m.sequence) / "manifest.toml").read_bytes()
+    except OSError:
+        return
+    if installed != verified.manifest_bytes:
+        return  # another bundle under the same number: the sequence check refuses it
+    if store.active(m.name) == m.sequence:
+        state = "active"
+        hint = "nothing to do"
+    elif m.sequence in store.bad(m.name):
+        state = "failed its self-test before, not active"
+        hint = "nothing to do; a bundle with a higher sequence replaces it"
+    else:
+        state = "not active"
+        hint = f"appliance-ctl bundle activate {m.name} {m.sequence}"
+    raise AlreadyInstalled(f"bundle {m.name} sequence {m.sequence} is already installed "
+                           f"({state})", hint=hint)
+
+
 def _import_locked(bundle: Path, store: Store, progress: Progress | None) -> Installed:
     layout = store.layout
     with open_file(bundle) as src:
         reader = BundleReader(src, layout)
         verified = reader.authenticate()
         m = verified.manifest
+        _refuse_if_installed(store, verified)
         store.check_sequence(m.name, m.sequence)
         folder = layout.store / m.name
         folder.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from appliance.bundle import system as sy
 from appliance.device import apikeys, control, identity, install, system, tlscert, trial
 from appliance.device.layout import Layout
 from appliance.device.store import Store
-from appliance.errors import ApplianceError, StoreError
+from appliance.errors import AlreadyInstalled, ApplianceError, StoreError
 
 _SEQUENCE = re.compile(r"(.*)-([0-9]{1,18})\.(control|bundle|system)")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
@@ -43,7 +43,7 @@ class StickResult:
 
     file: str
     kind: str                       # control, system or model
-    result: str                     # applied, installed, imported or refused
+    result: str                     # applied, installed, imported, present or refused
     detail: str = ""
     name: str | None = None
     sequence: int | None = None
@@ -125,6 +125,8 @@ def process(layout: Layout, folder: Path, check_settings: control.SettingsCheck,
     for path in bundles:
         try:
             inst = install.import_bundle(path, layout)
+        except AlreadyInstalled as exc:  # a stick left in, at the next boot
+            result = StickResult(path.name, "model", "present", exc.message)
         except ApplianceError as exc:
             result = StickResult(path.name, "model", "refused", exc.message)
         else:
@@ -154,6 +156,8 @@ def _system(layout: Layout, path: Path, say: Callable[[str], None],
 def _line(r: StickResult) -> str:
     if r.result == "refused":
         return f"{r.file}: refused: {r.detail}"
+    if r.result == "present":
+        return f"{r.file}: {r.detail}"
     if r.kind == "system":
         return f"{r.file}: installed system {r.sequence}: {r.detail}"
     if r.kind == "control":

@@ -67,7 +67,7 @@ def table(fleet: Fleet) -> str:
         status = body.get("status", {})
         bundles = ", ".join(_bundle(b) for b in status.get("bundles", [])) or "none"
         results = body.get("results", [])
-        done = sum(r.get("result") != "refused" for r in results)
+        done = sum(r.get("result") not in ("refused", "present") for r in results)
         refused = [r for r in results if r.get("result") == "refused"]
         problems = [f"{r.get('file')}: {r.get('detail')}" for r in refused]
         problems += [f"{b['name']} {b['bad']} failed self-test" for b in status.get("bundles", [])
