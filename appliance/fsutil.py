@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -39,3 +41,32 @@ def atomic_symlink(target: str, link: Path) -> None:
     os.symlink(target, tmp)
     os.replace(tmp, link)
     fsync_dir(link.parent)
+
+
+def build_once(final: Path, fill: Callable[[Path], None]) -> Path:
+    """A cache entry made once, even by builders running at the same time: `fill` writes into
+    a private folder beside `final`, which is then renamed into place with a `.complete`
+    marker. A reader sees a whole entry or none; of two builders, the second keeps the first
+    one's entry and drops its own. A half-made `final` without the marker (an older layout,
+    or a folder touched by hand) is replaced."""
+    if (final / ".complete").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        fill(tmp)
+        (tmp / ".complete").touch()
+        tmp.chmod(0o755)  # as a plain mkdir would have made it (mkdtemp: 0700)
+        for _ in range(2):
+            try:
+                os.rename(tmp, final)  # onto a missing or empty folder only
+                break
+            except OSError:
+                if (final / ".complete").exists():
+                    break
+                shutil.rmtree(final, ignore_errors=True)
+        if not (final / ".complete").exists():
+            raise OSError(f"cannot put the cache entry {final} in place")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a rename; else the loser's copy
+    return final

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import FetchError, FormatError, UsageError
+from appliance.fsutil import build_once
 
 Log = Callable[[str], None]
 CONVERTER_VERSION = "onnx-embeddings/1"
@@ -57,30 +58,28 @@ def onnx_embeddings(src: Path, cache: Path, log: Log) -> Path:
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         if not (src / name).is_file():
             raise FetchError(f"{src} lacks {name}; onnx-embeddings needs a safetensors BERT folder")
-    out = cache / "convert" / _cache_key(src)
-    if (out / ".complete").exists():
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    log("convert embeddings model to ONNX (pooling + L2 norm in the graph)")
-    encoder = _load_encoder(src)
-    _export(encoder, out / "model.onnx")
-    log("quantise to int8, per channel")
-    quantization = _require("onnxruntime.quantization")
-    quantization.quantize_dynamic(
-        str(out / "model.onnx"), str(out / "model-int8.onnx"),
-        per_channel=True, weight_type=quantization.QuantType.QInt8,
-    )
-    shutil.copyfile(src / "tokenizer.json", out / "tokenizer.json")
-    reference = _torch_embed(encoder, src / "tokenizer.json")
-    for name, bound in (("model.onnx", FP32_MIN_COSINE), ("model-int8.onnx", INT8_MIN_COSINE)):
-        worst = _parity(out / name, out / "tokenizer.json", reference)
-        log(f"{name}: worst cosine to torch {worst:.6f} (bound {bound})")
-        if worst < bound:
-            raise FormatError(f"converted {name} drifts from the torch model: cosine {worst:.5f}")
-    (out / "parity.json").write_text(json.dumps({"converter": CONVERTER_VERSION}))
-    (out / ".complete").touch()
-    return out
+
+    def convert(out: Path) -> None:
+        log("convert embeddings model to ONNX (pooling + L2 norm in the graph)")
+        encoder = _load_encoder(src)
+        _export(encoder, out / "model.onnx")
+        log("quantise to int8, per channel")
+        quantization = _require("onnxruntime.quantization")
+        quantization.quantize_dynamic(
+            str(out / "model.onnx"), str(out / "model-int8.onnx"),
+            per_channel=True, weight_type=quantization.QuantType.QInt8,
+        )
+        shutil.copyfile(src / "tokenizer.json", out / "tokenizer.json")
+        reference = _torch_embed(encoder, src / "tokenizer.json")
+        for name, bound in (("model.onnx", FP32_MIN_COSINE), ("model-int8.onnx", INT8_MIN_COSINE)):
+            worst = _parity(out / name, out / "tokenizer.json", reference)
+            log(f"{name}: worst cosine to torch {worst:.6f} (bound {bound})")
+            if worst < bound:
+                raise FormatError(f"converted {name} drifts from the torch model: "
+                                  f"cosine {worst:.5f}")
+        (out / "parity.json").write_text(json.dumps({"converter": CONVERTER_VERSION}))
+
+    return build_once(cache / "convert" / _cache_key(src), convert)
 
 
 def _load_encoder(src: Path) -> Any:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance.errors import FetchError, FormatError
+from appliance.fsutil import build_once
 from appliance.publish.recipe import RECIPE_KEY, Recipe, Source
 
 Log = Callable[[str], None]
@@ -103,21 +104,22 @@ def fetch_source(src: Source, cache: Path, log: Log) -> Path:
     if (root / ".complete").exists():
         return root / "tree"
     artifact = _artifact(src, cache, log)
-    shutil.rmtree(root, ignore_errors=True)
-    (root / "tree").mkdir(parents=True)
-    log(f"unpack {artifact.name}")
-    safe_unzip(artifact, root / "tree")
-    if src.inner_zip:
-        inner = root / "tree" / src.inner_zip
-        if not inner.is_file():
-            raise FetchError(f"source {src.key}: {src.inner_zip} is not in {artifact.name}")
-        unpacked = root / "inner"
-        unpacked.mkdir()
-        safe_unzip(inner, unpacked)
-        shutil.rmtree(root / "tree")
-        unpacked.rename(root / "tree")
-    (root / ".complete").touch()
-    return root / "tree"
+
+    def unpack(into: Path) -> None:
+        (into / "tree").mkdir()
+        log(f"unpack {artifact.name}")
+        safe_unzip(artifact, into / "tree")
+        if src.inner_zip:
+            inner = into / "tree" / src.inner_zip
+            if not inner.is_file():
+                raise FetchError(f"source {src.key}: {src.inner_zip} is not in {artifact.name}")
+            unpacked = into / "inner"
+            unpacked.mkdir()
+            safe_unzip(inner, unpacked)
+            shutil.rmtree(into / "tree")
+            unpacked.rename(into / "tree")
+
+    return build_once(root, unpack) / "tree"
 
 
 class Resolver:
@@ -177,19 +179,16 @@ class Resolver:
         for f in files:
             digest.update(f.relative_to(folder).as_posix().encode() + b"\0")
             digest.update(bytes.fromhex(sha256_file(f)))
-        out = self._cache / "assembled" / digest.hexdigest()
-        if (out / ".complete").exists():
-            return out / "tree"
-        shutil.rmtree(out, ignore_errors=True)
-        tree = out / "tree"
-        for f in [*files, joined]:
-            target = tree / (joined.name if f == joined else f.relative_to(folder).as_posix())
-            if target.exists():
-                raise FormatError(f"{folder.name} already holds a {joined.name}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:  # the big joined file is linked, not copied, where the cache allows it
-                os.link(f, target)
-            except OSError:
-                shutil.copyfile(f, target)
-        (out / ".complete").touch()
-        return tree
+        def assemble(into: Path) -> None:
+            for f in [*files, joined]:
+                name = joined.name if f == joined else f.relative_to(folder).as_posix()
+                target = into / "tree" / name
+                if target.exists():
+                    raise FormatError(f"{folder.name} already holds a {joined.name}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:  # the big joined file is linked, not copied, where the cache allows it
+                    os.link(f, target)
+                except OSError:
+                    shutil.copyfile(f, target)
+
+        return build_once(self._cache / "assembled" / digest.hexdigest(), assemble) / "tree"

@@ -5,8 +5,10 @@ build error, not a device that falls back for nothing."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,11 +115,13 @@ def speak(text: str, out: Path) -> None:
         raise UsageError("self-test clips are spoken by espeak-ng and sox",
                          hint="apt-get install espeak-ng sox (make does this)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    raw = out.with_suffix(".raw.wav")
-    subprocess.run([espeak, "-v", "en-us", "-s", "150", "-w", str(raw), text], check=True,
-                   capture_output=True)
-    # -D: no dither, which sox would add with random noise: the clip (and with it the signed
-    # manifest, and the image that preloads the bundle) must come out the same every time
-    subprocess.run([sox, "-D", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(out)],
-                   check=True, capture_output=True)
-    raw.unlink()
+    # made beside `out` and renamed onto it: two builds sharing the cache may speak it at once
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.") as tmp:
+        raw, wav = Path(tmp) / "raw.wav", Path(tmp) / "clip.wav"
+        subprocess.run([espeak, "-v", "en-us", "-s", "150", "-w", str(raw), text], check=True,
+                       capture_output=True)
+        # -D: no dither, which sox would add with random noise: the clip (and with it the
+        # signed manifest, and the image that preloads the bundle) must come out the same
+        subprocess.run([sox, "-D", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(wav)],
+                       check=True, capture_output=True)
+        os.replace(wav, out)
