@@ -72,19 +72,24 @@ venv: apt llama-wheel
 	fi
 
 # Everything: unit, models and API tests, then the x86_64-cpu image built and booted under qemu,
-# and beside that boot test the Jetson flow (arm64 through qemu-user) against dummy L4T packages.
-# The arm64 disk's own boot test (`make image-test TARGET=arm64`, about 15 minutes) is left out.
+# and the Jetson flow (arm64 through qemu-user) against dummy L4T packages. The arm64 disk's own
+# boot test (`make image-test TARGET=arm64`, about 15 minutes) is left out.
+# The two builds run at idle priority (SCHED_IDLE) beside the tests: the x86 image beside the
+# unit tests, the Jetson flow beside the boot test. They get only the CPU time the tests leave,
+# so they never preempt a two-thread decode, which stalls at every barrier when one of its
+# threads loses its core. Their output follows the tests'.
 test: venv image-tools
-	$(PY) -m pytest -m 'not image' -q
-	$(MAKE) image TARGET=x86_64-cpu IMAGE_FLAGS=--no-system-update
-	@# The Jetson flow runs at idle priority (SCHED_IDLE): it gets only the CPU time the TCG
-	@# guest leaves, so it never preempts the guest's two-thread decoding. It starts after the
-	@# x86 build, whose demo bundle it then finds in the cache. Its output follows the boot test's.
-	@log=$$(mktemp); chrt --idle 0 $(MAKE) --no-print-directory image-test TARGET=jetson \
-	  > $$log 2>&1 & jetson=$$!; \
+	@logs=$$(mktemp -d); \
+	chrt --idle 0 $(MAKE) --no-print-directory image TARGET=x86_64-cpu \
+	  IMAGE_FLAGS=--no-system-update > $$logs/image 2>&1 & image=$$!; \
+	$(PY) -m pytest -m 'not image' -q; unit=$$?; \
+	wait $$image; built=$$?; echo "--- the x86_64-cpu image, built beside the tests:"; \
+	cat $$logs/image; [ $$unit -eq 0 ] && [ $$built -eq 0 ] || { rm -rf $$logs; exit 1; }; \
+	chrt --idle 0 $(MAKE) --no-print-directory image-test TARGET=jetson > $$logs/jetson 2>&1 & \
+	jetson=$$!; \
 	IMAGE_TARGET=x86_64-cpu $(PY) -m pytest -m image -q -s tests/test_image.py; boot=$$?; \
 	wait $$jetson; flow=$$?; echo "--- the Jetson flow, run beside the boot test:"; \
-	cat $$log; rm -f $$log; [ $$boot -eq 0 ] && [ $$flow -eq 0 ]
+	cat $$logs/jetson; rm -rf $$logs; [ $$boot -eq 0 ] && [ $$flow -eq 0 ]
 
 test-fast: venv
 	$(PY) -m pytest -q
