@@ -57,16 +57,12 @@ def build_once(final: Path, fill: Callable[[Path], None]) -> Path:
         fill(tmp)
         (tmp / ".complete").touch()
         tmp.chmod(0o755)  # as a plain mkdir would have made it (mkdtemp: 0700)
-        for _ in range(2):
-            try:
-                os.rename(tmp, final)  # onto a missing or empty folder only
-                break
-            except OSError:
-                if (final / ".complete").exists():
-                    break
+        try:
+            os.rename(tmp, final)  # onto a missing or empty folder only
+        except OSError:
+            if not (final / ".complete").exists():  # half-made, not another builder's
                 shutil.rmtree(final, ignore_errors=True)
-        if not (final / ".complete").exists():
-            raise OSError(f"cannot put the cache entry {final} in place")
+                os.rename(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a rename; else the loser's copy
     return final

@@ -306,6 +306,17 @@ def test_equal_sequence(installed: Layout, factory: Factory) -> None:
     assert again.exit_code == RollbackError.exit_code
 
 
+def test_same_bundle_that_failed_its_trial_says_so(installed: Layout, factory: Factory) -> None:
+    failed = factory.bundle(sequence=2)
+    import_bundle(failed, installed)
+    store = Store(installed)
+    store.activate("demo", 1)
+    store.mark_bad("demo", 2)
+    with pytest.raises(AlreadyInstalled, match=r"failed its self-test before, not active") as info:
+        import_bundle(failed, installed)
+    assert "higher sequence" in (info.value.hint or "") and store.active("demo") == 1
+
+
 def test_same_bundle_again_never_activates_it(installed: Layout, factory: Factory) -> None:
     """After a rollback, the newer bundle still on the stick is reported, not made active."""
     newer = factory.bundle(sequence=2)

@@ -241,14 +241,8 @@ def _refuse_if_installed(store: Store, verified: Verified) -> None:
     """The same signed manifest as an installed sequence: say so, rather than calling it a
     rollback. Never activates it: a stick left in must not undo an owner's rollback."""
     m = verified.manifest
-    if m.sequence not in store.sequences(m.name):
-        return
-    try:
-        installed = (store.layout.store / m.name / str(m.sequence) / "manifest.toml").read_bytes()
-    except OSError:
-        return
-    if installed != verified.manifest_bytes:
-        return  # another bundle under the same number: the sequence check refuses it
+    if store.manifest_bytes(m.name, m.sequence) != verified.manifest_bytes:
+        return  # not installed, or another bundle under that number: the sequence check decides
     if store.active(m.name) == m.sequence:
         state = "active"
         hint = "nothing to do"

@@ -81,13 +81,19 @@ class Store:
             return None
         return int(target) if target.isdigit() else None
 
-    def load(self, name: str, sequence: int) -> Installed:
-        path = self.layout.store / name / str(sequence)
+    def manifest_bytes(self, name: str, sequence: int) -> bytes | None:
+        """The signed manifest of an installed sequence as imported; None if not installed."""
         try:
-            data = (path / "manifest.toml").read_bytes()
-        except OSError as exc:
-            raise StoreError(f"bundle {name} {sequence} is not installed") from exc
-        return Installed(name, sequence, path, mf.parse(data, f"{name}/{sequence}/manifest.toml"))
+            return (self.layout.store / name / str(sequence) / "manifest.toml").read_bytes()
+        except OSError:
+            return None
+
+    def load(self, name: str, sequence: int) -> Installed:
+        data = self.manifest_bytes(name, sequence)
+        if data is None:
+            raise StoreError(f"bundle {name} {sequence} is not installed")
+        return Installed(name, sequence, self.layout.store / name / str(sequence),
+                         mf.parse(data, f"{name}/{sequence}/manifest.toml"))
 
     def check(self, inst: Installed) -> None:
         """Re-hash an installed bundle against its manifest: exactly the listed files, intact.

@@ -619,8 +619,9 @@ def build(target: Target, out: Path, cache: Path, log: Log,
             log(f"[{i}/{len(STEPS)}] {ctx.step}")
             begun = time.monotonic()
             step(ctx)
-            if time.monotonic() - begun >= 10:  # where a slow build's time went
-                log(f"  {ctx.step} took {time.monotonic() - begun:.0f} s")
+            took = time.monotonic() - begun
+            if took >= 10:  # where a slow build's time went
+                log(f"  {ctx.step} took {took:.0f} s")
     finally:
         if ctx.tree.exists():
             shutil.rmtree(ctx.tree, ignore_errors=True)
