@@ -37,6 +37,7 @@ from loadgen import (
     SHARED,
     Result,
     build_flags,
+    conversation,
     eos_token,
     free_port,
     install_bundle,
@@ -172,6 +173,11 @@ def _shared(base: str, model: str, eos: int) -> Result:
     return asyncio.run(run_load(base, model, 1, len(SHARED) - 1, 16, eos, SHARED[1:]))
 
 
+def _follow_ups(base: str, model: str, eos: int) -> float:
+    """TTFT p50 of turns 2-6 of a conversation (turn 1 decodes the system prompt cold)."""
+    return pct(asyncio.run(conversation(base, model, 6, 32, eos)).ttft[1:], .5)
+
+
 def _quote(base: str, model: str, eos: int) -> Result:
     return asyncio.run(run_load(base, model, 1, 2, 128, eos, QUOTE))
 
@@ -190,6 +196,8 @@ def workloads(work: Path, model: str, args: argparse.Namespace, eos: int) -> dic
                 shared = _shared(base, model, eos)
                 out[f"shared 500-token prompt, TTFT p50 (s), prefix slots {slots}"] = pct(
                     shared.ttft, .5)
+                out[f"follow-up turns of a conversation, TTFT p50 (s), prefix slots {slots}"] = (
+                    _follow_ups(base, model, eos))
             if slots:
                 quote = _quote(base, model, eos)
                 out[f"quoting answer, 1 client tok/s, lookup drafts {'on' if draft else 'off'}"] = (
@@ -202,6 +210,8 @@ def workloads(work: Path, model: str, args: argparse.Namespace, eos: int) -> dic
 def peer_workloads(peer: str, base: str, model: str, eos: int) -> dict[str, float]:
     return {f"{peer}: shared 500-token prompt, TTFT p50 (s)": pct(_shared(base, model, eos).ttft,
                                                                  .5),
+            f"{peer}: follow-up turns of a conversation, TTFT p50 (s)": _follow_ups(base, model,
+                                                                                  eos),
             f"{peer}: quoting answer, 1 client tok/s": _quote(base, model, eos).tok_s}
 
 

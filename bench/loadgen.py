@@ -64,6 +64,7 @@ class Result:
     tokens: int = 0
     wall: float = 0.0
     errors: int = 0
+    texts: list[str] = field(default_factory=list)  # each answer, in the order they ended
 
     @property
     def tok_s(self) -> float:
@@ -79,7 +80,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict[str, object], out: Result) -> None:
     start = time.perf_counter()
-    last, first, tokens = start, None, 0
+    last, first, tokens, text = start, None, 0, ""
     async with client.stream("POST", url, json=body, timeout=600) as r:
         if r.status_code != 200:
             out.errors += 1
@@ -93,6 +94,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, object], out
                 tokens = chunk["usage"]["completion_tokens"]
             if not chunk.get("choices") or not chunk["choices"][0].get("text"):
                 continue
+            text += chunk["choices"][0]["text"]
             now = time.perf_counter()
             if first is None:
                 first = now
@@ -101,6 +103,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, object], out
                 out.itl.append(now - last)
             last = now
     out.tokens += tokens or body["max_tokens"]  # type: ignore[operator]
+    out.texts.append(text)
 
 
 async def run_load(base: str, model: str, clients: int, requests_each: int, max_tokens: int,
@@ -122,6 +125,21 @@ async def run_load(base: str, model: str, clients: int, requests_each: int, max_
     start = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(clients)))
     out.wall = time.perf_counter() - start
+    return out
+
+
+async def conversation(base: str, model: str, turns: int, max_tokens: int, eos: int) -> Result:
+    """One client in a conversation: each turn's prompt is the previous prompt, its answer and
+    a new question (the 500-token system prompt first)."""
+    out, prompt = Result(), SYSTEM
+    async with httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        for question in QUESTIONS[:turns]:
+            prompt += f"\nQuestion: {question}\nAnswer:"
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                    "stream": True, "logit_bias": {str(eos): -100},
+                    "stream_options": {"include_usage": True}}
+            await _one(client, f"{base}/v1/completions", body, out)
+            prompt += out.texts[-1]
     return out
 
 

@@ -467,7 +467,8 @@ def test_cached_tokens_reported(client: openai.OpenAI) -> None:
     ask[1]["content"] = "What does it serve?"
     second = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=4)
     assert first.usage and first.usage.prompt_tokens_details
-    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # at most the chat template's opening tokens, which a freed stream kept from an earlier test
+    assert (first.usage.prompt_tokens_details.cached_tokens or 0) < 16
     details = second.usage and second.usage.prompt_tokens_details
     assert details and 64 <= (details.cached_tokens or 0) < second.usage.prompt_tokens  # type: ignore[union-attr]
 

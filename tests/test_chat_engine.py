@@ -162,13 +162,74 @@ def test_concurrent_requests_share_a_prefix_in_flight(smollm_gguf: Path) -> None
         eng.close()
 
 
-def test_short_prompts_are_not_cached(smollm_gguf: Path) -> None:
-    eng = ChatEngine(smollm_gguf, EngineConfig(parallel=1, ctx_per_seq=256, prefix_slots=2))
+def _tokens(engine: ChatEngine, prompt: list[int], n: int) -> tuple[list[int], Finish]:
+    s = Stream()
+    engine.submit(GenerationRequest(prompt, n, Sampling(temperature=0)), s)
+    tokens = []
+    while not isinstance(ev := s.get_sync(timeout=60), Finish):
+        if isinstance(ev, TokenEvent):
+            tokens.append(ev.token)
+    return tokens, ev
+
+
+def test_a_freed_stream_keeps_the_prompt_and_answer(smollm_gguf: Path) -> None:
+    """The next turn of a conversation restarts from what its stream kept: the last prompt and
+    all but the last token of its answer, rejected drafts cut away. SmolLM2's Q4_1 rows round
+    alike at any batch shape (see the draft tests), so below 512 cells the warm answer must
+    equal the cold one token for token: a stale or drafted cell in the kept KV would show."""
+    text = "Each file is hashed while it is copied, and the manifest is signed. "
+    cold = ChatEngine(smollm_gguf, EngineConfig(parallel=1, ctx_per_seq=512, prefix_slots=0))
+    warm = ChatEngine(smollm_gguf, EngineConfig(parallel=1, ctx_per_seq=512, prefix_slots=1,
+                                                lookup_draft=4))
     try:
-        prompt = eng.tokenize("Hello there", True, False)
-        _answer(eng, prompt)
-        _answer(eng, prompt)
-        assert eng.stats["prefix_hits"] == 0
+        first = warm.tokenize(f"Text: {text * 3}\nAgain: {text[:20]}", True, False)
+        answer, fin = _tokens(warm, first, 30)
+        assert fin.cached_tokens == 0 and warm.stats["draft_accepted"] > 0
+        turn = first + answer + warm.tokenize("\nOnce more:", False, False)
+        again, fin = _tokens(warm, turn, 20)
+        assert fin.cached_tokens == len(first) + len(answer) - 1
+        assert again == _tokens(cold, turn, 20)[0]
+    finally:
+        warm.close()
+        cold.close()
+
+
+def test_short_prompts_are_reused_in_place_never_copied(smollm_gguf: Path) -> None:
+    """A stream reuses what it kept at any length (no copy), but a short prefix is neither
+    copied from another stream nor saved in a slot: a copy moves the whole stream."""
+    eng = ChatEngine(smollm_gguf, EngineConfig(parallel=2, ctx_per_seq=256, prefix_slots=2))
+    try:
+        short = eng.tokenize("Hello there, how are you today?", True, False)
+        other = eng.tokenize("Count to ten slowly", True, False)
+        assert short[0] != other[0]  # this model adds no BOS: nothing shared
+        assert _tokens(eng, short, 8)[1].cached_tokens == 0
+        assert _tokens(eng, short, 8)[1].cached_tokens == len(short) - 1  # stream 0 kept it
+        # `other` takes stream 0 and `short` stream 1 ...
+        streams = [Stream(), Stream()]
+        eng.submit(GenerationRequest(other, 30, Sampling(temperature=0)), streams[0])
+        eng.submit(GenerationRequest(short, 8, Sampling(temperature=0)), streams[1])
+        assert collect(streams[1])[1].cached_tokens == 0
+        collect(streams[0])
+        # ... so stream 0, which the next request takes, holds nothing it can use, and stream
+        # 1's copy of the short prompt is not worth a copy
+        assert _tokens(eng, short, 8)[1].cached_tokens == 0
+        assert all(not tokens for tokens, _ in eng._prefix._slots.values())
+    finally:
+        eng.close()
+
+
+def test_a_failed_decode_keeps_nothing(smollm_gguf: Path) -> None:
+    """llama.cpp refuses a token outside the vocabulary (the API checks ids first): the
+    request ends with an error, its stream keeps nothing, and the next one is served."""
+    eng = ChatEngine(smollm_gguf, EngineConfig(parallel=1, ctx_per_seq=256, prefix_slots=1))
+    try:
+        prompt = eng.tokenize("Hello there, how are you", True, False)
+        _tokens(eng, prompt, 4)
+        _, fin = _tokens(eng, [*prompt[:-1], eng.n_vocab + 7], 4)
+        assert fin.reason == "error" and "llama_decode failed" in (fin.error or "")
+        assert not eng._prefix._kept
+        tokens, fin = _tokens(eng, prompt, 4)
+        assert fin.reason == "length" and len(tokens) == 4 and fin.cached_tokens == 0
     finally:
         eng.close()
 

@@ -41,3 +41,39 @@ def test_running_sequences_are_sources_and_make_others_wait() -> None:
     assert not cache.in_flight([*system, 9], running)
     assert cache.source([*system, 9], running) == (0, 30)
     assert not PrefixCache([], min_prefix=4).in_flight(system, running)  # no cache, no waiting
+
+
+def test_freed_streams_are_sources() -> None:
+    cache = PrefixCache([8], min_prefix=4)
+    talk = list(range(200, 230))
+    cache.keep(0, talk)  # stream 0 is free and holds a prompt and answer
+    follow_up = [*talk, 5, 6]
+    assert cache.source(follow_up, [], own=0) == (0, 30)  # in place: no copy
+    assert cache.source(follow_up, [], own=1) == (0, 30)  # copied: long enough
+    assert cache.source(talk[:3], [], own=0) == (0, 2)  # in place at any length
+    assert cache.source(talk[:3], [], own=1) == (-1, 0)  # too short to copy
+    cache.keep(1, talk[:20])
+    assert cache.source(follow_up, [], own=1) == (0, 30)  # the longer one wins ...
+    cache.keep(0, talk[:20])
+    assert cache.source(follow_up, [], own=1) == (1, 20)  # ... and the own one a tie
+    cache.forget(1)
+    assert cache.source(follow_up, [], own=1) == (0, 20)
+    cache.keep(0, [])
+    assert cache.source(follow_up, [], own=0) == (-1, 0)
+
+
+def test_no_slots_no_cache_of_any_kind() -> None:
+    cache = PrefixCache([], min_prefix=4)
+    cache.keep(0, list(range(50)))
+    assert not cache.enabled
+    assert cache.source(list(range(60)), [], own=0) == (-1, 0)
+
+
+def test_common_prefix_by_bisection() -> None:
+    from appliance.engines.prefix import _common_prefix
+    base = list(range(1000))
+    for cut in (0, 1, 2, 499, 998, 999):
+        other = [*base[:cut], -1, *base[cut + 1:]]
+        assert _common_prefix(base, other) == cut
+    assert _common_prefix(base, base[:10]) == 10
+    assert _common_prefix([], base) == 0

@@ -20,7 +20,10 @@ So a new request takes the lowest free id and the batch is laid out in id order.
 
 Prefix cache: after a long prompt is decoded, its KV stream is copied into one of a few spare
 streams; a later request that starts with the same tokens (a shared system prompt, the earlier
-turns of a conversation) copies that stream back and decodes only the rest. Like llama-server's
+turns of a conversation) copies that stream back and decodes only the rest. A finished
+sequence's own stream keeps its prompt and answer too, until the next request takes it: that
+one restarts from them in place, without a copy (the next turn of a conversation, a repeated
+prompt), or copies them when it is given another stream (`PrefixCache`). Like llama-server's
 prompt cache, a restored prefix can round differently from a cold prefill (the kernels sum in
 another order for other batch shapes), so answers after a hit may differ in late tokens.
 
@@ -162,6 +165,15 @@ class _Seq:
     index: int = 0  # the choice
     cached: int = 0  # prompt tokens restored from another stream
     scores: list[tuple[float, list[tuple[int, float]]]] | None = None  # prompt logprobs so far
+    answer: list[int] = field(default_factory=list)  # the tokens generated so far
+
+    def held(self) -> int:
+        """How many of prompt + answer the KV stream holds for certain: the decoded part of
+        the prompt, then every generated token but the last (which may not have been decoded;
+        rejected drafts past it may have been)."""
+        if self.done_prompt < len(self.req.prompt):
+            return self.done_prompt
+        return len(self.req.prompt) + max(0, self.generated - 1)
 
     @property
     def prompt(self) -> list[int]:
@@ -549,25 +561,30 @@ class ChatEngine:
         return chain
 
     def _restore_prefix(self, seq: _Seq) -> None:
-        """Start `seq` from the stream that shares the longest prefix with its prompt: copied
-        whole, then cut to the shared length (at least one prompt token is left to decode).
-        A later choice copies its first choice's prompt whole; a scored prompt is decoded in
-        full, as restored positions have no logits."""
-        if seq.scores is not None:
-            return
-        sibling = next((s for s in self._active if s.req is seq.req
-                        and s.done_prompt == len(s.prompt)), None)
-        if sibling is not None:
-            slot, keep = sibling.seq_id, len(seq.prompt) - 1
-        else:
-            slot, keep = self._prefix.source(seq.req.prompt, self._active)
-        if slot < 0 or keep <= 0 or not self._holds_window(slot, keep):
-            return  # a cold prefill
-        ll = self._ll
-        ll.llama_memory_seq_cp(self._mem, slot, seq.seq_id, -1, -1)
-        if not ll.llama_memory_seq_rm(self._mem, seq.seq_id, keep, -1):
-            ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)  # cannot cut: start afresh
-            return
+        """Start `seq` from the stream that shares the longest prefix with its prompt: its own
+        stream when what that kept is the best, cut back to the shared length; else another,
+        copied whole, then cut (at least one prompt token is left to decode). A later choice
+        copies its first choice's prompt whole; a scored prompt is decoded in full, as restored
+        positions have no logits."""
+        ll, own = self._ll, seq.seq_id
+        slot, keep = -1, 0
+        if seq.scores is None:
+            sibling = next((s for s in self._active if s.req is seq.req
+                            and s.done_prompt == len(s.prompt)), None)
+            if sibling is not None:
+                slot, keep = sibling.seq_id, len(seq.prompt) - 1
+            else:
+                slot, keep = self._prefix.source(seq.req.prompt, self._active, own)
+        self._prefix.forget(own)
+        if not (slot == own and self._holds_window(own, keep)
+                and ll.llama_memory_seq_rm(self._mem, own, keep, -1)):
+            ll.llama_memory_seq_rm(self._mem, own, -1, -1)  # what it kept is of no use
+            if slot < 0 or slot == own or keep <= 0 or not self._holds_window(slot, keep):
+                return  # a cold prefill
+            ll.llama_memory_seq_cp(self._mem, slot, own, -1, -1)
+            if not ll.llama_memory_seq_rm(self._mem, own, keep, -1):
+                ll.llama_memory_seq_rm(self._mem, own, -1, -1)  # cannot cut: start afresh
+                return
         seq.done_prompt = seq.cached = keep
         self._prefix.used(slot)
         self.stats["prefix_hits"] += 1
@@ -591,9 +608,17 @@ class ChatEngine:
             self._ll.llama_memory_seq_cp(self._mem, seq.seq_id, slot, -1, -1)
             self._prefix.saved(slot, seq.req.prompt)
 
-    def _release(self, seq: _Seq) -> None:
-        self._ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
-        self._ll.llama_sampler_free(seq.sampler)
+    def _release(self, seq: _Seq, keep: bool = True) -> None:
+        """Free the sequence's stream. Unless told not to, the stream keeps the KV of what it
+        holds for certain, a prefix source for the next request that takes it."""
+        ll, held = self._ll, seq.held()
+        if keep and self._prefix.enabled and held and ll.llama_memory_seq_rm(
+                self._mem, seq.seq_id, held, -1):
+            self._prefix.keep(seq.seq_id, (seq.req.prompt + seq.answer)[:held])
+        else:
+            ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
+            self._prefix.forget(seq.seq_id)
+        ll.llama_sampler_free(seq.sampler)
         self._free_ids.append(seq.seq_id)
         self._free_ids.sort()
         self._active.remove(seq)
@@ -603,7 +628,7 @@ class ChatEngine:
         self._outbox.put(seq.stream, Finish(reason, len(seq.req.prompt), seq.generated, tail,
                                             error, seq.ttft, seq.index, seq.cached,
                                             seq.text.matched))
-        self._release(seq)
+        self._release(seq, keep=reason != "error")
 
     def _run(self) -> None:
         # The probe decodes here too: a decode on any other thread leaves that thread an OpenMP
@@ -785,6 +810,7 @@ class ChatEngine:
             self._finish(seq, "stop")
             return False
         seq.generated += 1
+        seq.answer.append(token)
         self.stats["tokens"] += 1
         if seq.lookup is not None:
             seq.lookup.append(token)

@@ -1,9 +1,20 @@
 """The chat engine's prefix cache, as bookkeeping: which KV stream holds the longest reusable
 prefix of a new prompt, and where to keep a just-decoded prompt. The engine does the KV copies.
 
-Cached prompts live in spare streams (`slots`); running sequences count as sources too, as far
-as their prompt is decoded. A request whose long prefix another sequence is still prefilling
+Sources are of three kinds:
+- spare streams (`slots`) that keep recent long prompts;
+- running sequences, as far as their prompt is decoded;
+- free generating streams, which keep what their last sequence left (its prompt and all but
+  the last token of its answer) until another sequence takes them (`kept`). A follow-up turn
+  of a conversation starts with the last turn's prompt and answer, and a repeated prompt with
+  itself.
+
+Copying another stream's KV copies the whole stream (llama.cpp's seq_cp across streams), so
+it is done only for a shared prefix of at least `min_prefix` tokens. A request takes the
+lowest free stream (see the chat engine), and what that stream kept is reused in place at any
+length: it costs no copy. A request whose long prefix another sequence is still prefilling
 waits for it (`in_flight`): copying that KV a step or two later beats computing it twice.
+With no slots the cache is off: no source of any kind.
 """
 
 from __future__ import annotations
@@ -27,6 +38,11 @@ class PrefixCache:
     def __init__(self, slots: list[int], min_prefix: int) -> None:
         self.min_prefix = min_prefix
         self._slots: dict[int, tuple[list[int], float]] = {s: ([], 0.0) for s in slots}
+        self._kept: dict[int, list[int]] = {}  # free generating stream -> tokens its KV holds
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._slots)
 
     def in_flight(self, prompt: list[int], running: Iterable[Running]) -> bool:
         """Whether a running sequence shares a long prefix with `prompt` that it has not
@@ -39,20 +55,41 @@ class PrefixCache:
                 return True
         return False
 
-    def source(self, prompt: list[int], running: Iterable[Running]) -> tuple[int, int]:
-        """(stream to copy from, tokens to keep), or (-1, 0) when nothing is worth it."""
+    def source(self, prompt: list[int], running: Iterable[Running],
+               own: int = -1) -> tuple[int, int]:
+        """(stream to start from, tokens to keep), or (-1, 0) when nothing is worth it. `own`
+        is the stream the request takes: what it kept wins ties, and needs no minimum."""
+        if not self._slots:
+            return -1, 0
+        last = len(prompt) - 1  # at least one prompt token is decoded: its logits are needed
         best, slot = 0, -1
         for slot_id, (tokens, _) in self._slots.items():
             n = _common_prefix(tokens, prompt)
             if n > best:
                 best, slot = n, slot_id
-        if self._slots:
-            for src in running:
-                n = min(_common_prefix(src.prompt, prompt), src.done_prompt)
-                if n > best:
-                    best, slot = n, src.seq_id
-        keep = min(best, len(prompt) - 1)
+        for src in running:
+            n = min(_common_prefix(src.prompt, prompt), src.done_prompt)
+            if n > best:
+                best, slot = n, src.seq_id
+        for stream, tokens in self._kept.items():
+            if stream != own and (n := _common_prefix(tokens, prompt)) > best:
+                best, slot = n, stream
+        mine = min(_common_prefix(self._kept.get(own, []), prompt), last)
+        keep = min(best, last)
+        if mine > 0 and mine >= keep:
+            return own, mine
         return (slot, keep) if keep >= self.min_prefix else (-1, 0)
+
+    def keep(self, stream: int, tokens: list[int]) -> None:
+        """Stream `stream` is free and its KV holds `tokens`."""
+        if self._slots and tokens:
+            self._kept[stream] = tokens
+        else:
+            self._kept.pop(stream, None)
+
+    def forget(self, stream: int) -> None:
+        """Stream `stream` is taken, or emptied: what it kept is gone."""
+        self._kept.pop(stream, None)
 
     def used(self, slot: int) -> None:
         if slot in self._slots:
@@ -73,8 +110,16 @@ class PrefixCache:
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix, by bisection over slice comparisons (which run in C: a
+    request is compared with every kept stream, each up to a context long)."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    if a[:n] == b[:n]:
+        return n
+    same, differs = 0, n  # a[:same] == b[:same], a[:differs] != b[:differs]
+    while differs - same > 1:
+        mid = (same + differs) // 2
+        if a[:mid] == b[:mid]:
+            same = mid
+        else:
+            differs = mid
+    return same
