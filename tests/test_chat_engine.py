@@ -218,6 +218,32 @@ def test_short_prompts_are_reused_in_place_never_copied(smollm_gguf: Path) -> No
         eng.close()
 
 
+def test_a_burst_finds_the_streams_that_kept_its_prompts(smollm_gguf: Path) -> None:
+    """Requests admitted together take the lowest free streams (so batches stay whole), each
+    the one that kept its prompt, in whatever order they came."""
+    eng = ChatEngine(smollm_gguf, EngineConfig(parallel=3, ctx_per_seq=256, prefix_slots=2))
+    try:
+        prompts = [eng.tokenize(text, True, False) for text in
+                   ("Hello there, how are you today?", "Count to ten slowly", "Name a fruit")]
+        assert len({p[0] for p in prompts}) == 3  # no BOS: nothing shared between them
+
+        def burst(order: list[int]) -> dict[int, Finish]:
+            streams = {i: Stream() for i in order}
+            with eng._lock:  # all waiting when the scheduler next admits
+                for i in order:
+                    eng.submit(GenerationRequest(prompts[i], 6, Sampling(temperature=0)),
+                               streams[i])
+            return {i: collect(s)[1] for i, s in streams.items()}
+
+        assert all(f.cached_tokens == 0 for f in burst([0, 1, 2]).values())
+        again = burst([2, 0, 1])
+        assert {i: f.cached_tokens for i, f in again.items()} == {
+            i: len(prompts[i]) - 1 for i in range(3)}
+        assert eng._free_ids == [0, 1, 2]
+    finally:
+        eng.close()
+
+
 def test_a_failed_decode_keeps_nothing(smollm_gguf: Path) -> None:
     """llama.cpp refuses a token outside the vocabulary (the API checks ids first): the
     request ends with an error, its stream keeps nothing, and the next one is served."""

@@ -62,11 +62,24 @@ def test_freed_streams_are_sources() -> None:
     assert cache.source(follow_up, [], own=0) == (-1, 0)
 
 
+def test_a_burst_shares_out_the_streams_by_what_they_kept() -> None:
+    cache = PrefixCache([8], min_prefix=4)
+    cache.keep(0, [1, 2, 3])
+    cache.keep(2, [5, 6, 7, 8])
+    assert cache.kept_best([5, 6, 9], [0, 1, 2]) == 2  # the longest shared prefix
+    assert cache.kept_best([1, 2, 9], [0, 1, 2]) == 0
+    assert cache.kept_best([4, 4], [0, 1, 2]) == 0  # nothing shared: the first offered
+    assert cache.kept_best([5, 6], [1, 0]) == 1  # only the streams offered
+    cache.forget(2)
+    assert cache.kept_best([5, 6, 9], [0, 1, 2]) == 0
+
+
 def test_no_slots_no_cache_of_any_kind() -> None:
     cache = PrefixCache([], min_prefix=4)
     cache.keep(0, list(range(50)))
     assert not cache.enabled
     assert cache.source(list(range(60)), [], own=0) == (-1, 0)
+    assert cache.kept_best(list(range(60)), [3, 0]) == 3
 
 
 def test_common_prefix_by_bisection() -> None:

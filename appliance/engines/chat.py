@@ -16,7 +16,8 @@ streams keep batched output identical to unbatched output.
 With separate streams llama.cpp puts sequences into one micro-batch only while their ids rise by
 one in batch order (llama_batch_allocr::split_equal, `sequential`); otherwise every sequence is
 decoded on its own and batching gains nothing (measured: 92 instead of 188 tok/s at 8 streams).
-So a new request takes the lowest free id and the batch is laid out in id order.
+So the requests admitted together take the lowest free ids (each the one of them that kept most
+of its prompt) and the batch is laid out in id order.
 
 Prefix cache: after a long prompt is decoded, its KV stream is copied into one of a few spare
 streams; a later request that starts with the same tokens (a shared system prompt, the earlier
@@ -496,6 +497,7 @@ class ChatEngine:
         """Start waiting choices in free streams. A request's first choice starts alone; the
         others wait until it has decoded the prompt, then copy its KV stream."""
         held: deque[tuple[GenerationRequest, Stream]] = deque()
+        burst = sum(r.n - r.admitted for r, _ in self._waiting)  # choices that may start now
         while self._waiting and self._free_ids:
             req, stream = self._waiting.popleft()
             k = req.admitted
@@ -521,9 +523,13 @@ class ChatEngine:
             req.admitted += 1
             if req.admitted < req.n:
                 self._waiting.appendleft((req, stream))
-            # the lowest free id: llama.cpp batches sequences whose ids are consecutive
-            seq = _Seq(req, stream, self._free_ids.pop(0), sampler, TextAssembler(req.stop),
-                       index=k)
+            # llama.cpp batches sequences whose ids are consecutive, so this round fills the
+            # lowest free ids; of those, each takes the one that kept most of its prompt (then
+            # reused in place, where another would copy it or decode it again)
+            seq_id = self._prefix.kept_best(req.prompt, self._free_ids[:max(1, burst)])
+            self._free_ids.remove(seq_id)
+            burst -= 1
+            seq = _Seq(req, stream, seq_id, sampler, TextAssembler(req.stop), index=k)
             if req.prompt_logprobs and k == 0:
                 seq.scores = []
             s = req.sampling

@@ -12,8 +12,11 @@ Sources are of three kinds:
 Copying another stream's KV copies the whole stream (llama.cpp's seq_cp across streams), so
 it is done only for a shared prefix of at least `min_prefix` tokens. A request takes the
 lowest free stream (see the chat engine), and what that stream kept is reused in place at any
-length: it costs no copy. A request whose long prefix another sequence is still prefilling
-waits for it (`in_flight`): copying that KV a step or two later beats computing it twice.
+length: it costs no copy. Requests admitted together share out the lowest free streams, each
+taking the one that kept most of its prompt (`kept_best`), so a burst of repeated prompts
+finds its streams in whatever order it came. A request whose long prefix another sequence is
+still prefilling waits for it (`in_flight`): copying that KV a step or two later beats
+computing it twice.
 With no slots the cache is off: no source of any kind.
 """
 
@@ -79,6 +82,15 @@ class PrefixCache:
         if mine > 0 and mine >= keep:
             return own, mine
         return (slot, keep) if keep >= self.min_prefix else (-1, 0)
+
+    def kept_best(self, prompt: list[int], streams: list[int]) -> int:
+        """Of the free `streams`, the one whose kept tokens share the longest prefix with
+        `prompt`; the first on ties, and with the cache off."""
+        best, pick = 0, streams[0]
+        for stream in streams:
+            if (n := _common_prefix(self._kept.get(stream, []), prompt)) > best:
+                best, pick = n, stream
+        return pick
 
     def keep(self, stream: int, tokens: list[int]) -> None:
         """Stream `stream` is free and its KV holds `tokens`."""
