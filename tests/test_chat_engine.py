@@ -6,6 +6,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -239,7 +240,27 @@ def test_a_burst_finds_the_streams_that_kept_its_prompts(smollm_gguf: Path) -> N
         again = burst([2, 0, 1])
         assert {i: f.cached_tokens for i, f in again.items()} == {
             i: len(prompts[i]) - 1 for i in range(3)}
-        assert eng._free_ids == [0, 1, 2]
+    finally:
+        eng.close()
+
+
+def test_timed_drafts_kept_only_where_their_rows_pay(smollm_gguf: Path) -> None:
+    """With `draft_timed`, the probe times steps of 1..k+1 rows and keeps the longest draft
+    whose step costs less than as many single rows, within what verifies bit-identically."""
+    config = EngineConfig(parallel=1, ctx_per_seq=512, prefix_slots=0, lookup_draft=4)
+    eng = ChatEngine(smollm_gguf, config)
+    identical = eng.draft_limit
+    eng.close()
+    assert identical == 4 and not eng.draft_costs  # untimed: the probe's outcome alone
+    eng = ChatEngine(smollm_gguf, replace(config, draft_timed=True))
+    try:
+        cost = eng.draft_costs
+        assert len(cost) == identical + 1 and all(c > 0 for c in cost)
+        assert eng.draft_limit == max((k for k in range(1, identical + 1)
+                                       if cost[k] < (k + 1) * cost[0]), default=0)
+        assert eng.draft_below == (256 if eng.draft_limit else 0)
+        # the timing left the probe's sequence empty: a request decodes as usual
+        assert len(_tokens(eng, eng.tokenize("Count to five", True, False), 5)[0]) == 5
     finally:
         eng.close()
 

@@ -372,7 +372,7 @@ class Runtime:
         config = EngineConfig(
             n_gpu_layers=_gpu_layers(str(path), choice.offload), threads=choice.threads,
             parallel=s.parallel, ctx_per_seq=ctx, batch=s.batch, max_queue=s.max_queue,
-            prefix_slots=s.prefix_slots, lookup_draft=s.lookup_draft)
+            prefix_slots=s.prefix_slots, lookup_draft=s.lookup_draft, draft_timed=True)
         engine = ChatEngine(path, config, self.lanes, loaded.model.defaults.chat_template)
         loaded.extra["context_length"] = engine.ctx_per_seq
         return engine
