@@ -235,6 +235,7 @@ class ChatEngine:
         self._batch = ll.llama_batch_init(config.batch, 0, 1)
         self.draft_limit = self.draft_below = 0  # set by the probe, on the scheduler thread
         self.draft_costs: list[float] = []  # seconds a step of 1, 2, ... rows took (timed probe)
+        self._step_times: dict[int, float] = {}
         self._probed = threading.Event()
         self._probe_error: ApplianceError | None = None
         self._lock = threading.Condition()
@@ -472,13 +473,14 @@ class ChatEngine:
             self._decode_rows(prefill[at:at + self.config.batch])
         plain: list[np.ndarray] = []
         fed = [tokens[-1]]
+        self._step_times = {}  # rows -> fastest step seen, for `draft_timed`
         for j in range(most + 1):
-            plain += self._decode_rows([(fed[j], pos + j, True)])
+            plain += self._timed_rows([(fed[j], pos + j, True)])
             fed.append(int(plain[-1].argmax()))
         identical = 0
         for k in range(1, most + 1):
             self._ll.llama_memory_seq_rm(self._mem, 0, pos, -1)
-            rows = self._decode_rows([(t, pos + j, True) for j, t in enumerate(fed[:k + 1])])
+            rows = self._timed_rows([(t, pos + j, True) for j, t in enumerate(fed[:k + 1])])
             if not all(np.array_equal(a, b) for a, b in zip(rows, plain, strict=False)):
                 break
             identical = k
@@ -492,24 +494,27 @@ class ChatEngine:
         steps of one row, so that it can pay when accepted; 0 if none can. Several rows take
         another kernel than one, and on some builds cost more than as many single rows
         (gemma-3-270m, AVX2 build, 2 threads: 11.8 ms for one row, 40.2 ms for three).
-        `tokens` is cached in sequence 0 but for its last; each step is timed 3 times, the
-        fastest kept, and the cache is left as it was."""
+        `tokens` is cached in sequence 0 but for its last. Each step is timed once more beside
+        the identity probe's own steps, the fastest kept (decodes are slow under emulation,
+        where the boot tests run); the cache is left as it was."""
         pos = len(tokens) - 1
-        self.draft_costs = []
         for rows in range(1, most + 2):
-            best = float("inf")
-            for _ in range(3):
-                self._ll.llama_memory_seq_rm(self._mem, 0, pos, -1)
-                start = time.perf_counter()
-                self._decode_rows([(tokens[-1], pos + j, True) for j in range(rows)])
-                best = min(best, time.perf_counter() - start)
-            self.draft_costs.append(best)
+            self._ll.llama_memory_seq_rm(self._mem, 0, pos, -1)
+            self._timed_rows([(tokens[-1], pos + j, True) for j in range(rows)])
         self._ll.llama_memory_seq_rm(self._mem, 0, pos, -1)
-        cost = self.draft_costs
+        self.draft_costs = cost = [self._step_times[rows] for rows in range(1, most + 2)]
         k = max((k for k in range(1, most + 1) if cost[k] < (k + 1) * cost[0]), default=0)
         log.info("lookup drafts: steps of 1-%d rows take %s ms; drafts of up to %d token(s) "
                  "can pay", most + 1, ", ".join(f"{c * 1000:.1f}" for c in cost), k)
         return k
+
+    def _timed_rows(self, rows: list[tuple[int, int, bool]]) -> list[np.ndarray]:
+        """`_decode_rows`, keeping the fastest time seen for a step of this many rows."""
+        start = time.perf_counter()
+        out = self._decode_rows(rows)
+        took = time.perf_counter() - start
+        self._step_times[len(rows)] = min(took, self._step_times.get(len(rows), took))
+        return out
 
     def _decode_rows(self, rows: list[tuple[int, int, bool]]) -> list[np.ndarray]:
         """Decode (token, position, wants logits) rows of sequence 0; copies of their logits."""
